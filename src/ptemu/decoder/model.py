@@ -1,0 +1,156 @@
+"""ptemu's own records for a decoded store, independent of Capstone.
+
+A `DecodedStore` says everything the handler needs to check an event and to
+know what the instruction writes: its family (a row of `families.FAMILIES`),
+the destination memory operand, how many bytes one store writes, and the
+prefixes that change its meaning. `destination_address` turns it plus the
+guest's registers into the linear address written, the way the CPU's address
+generation does (SDM vol. 1, 3.7.5 and vol. 3, 3.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ptemu.decoder.families import Family
+from ptemu.registers import register_value
+from ptemu.values import mask_bits
+
+
+@dataclass(frozen=True, slots=True)
+class SubRegister:
+    """Where a named register lives inside a full-width one (``ah`` = rax bits 15:8)."""
+
+    full: str
+    shift: int
+    bits: int
+
+    def read(self, registers: Mapping[str, int]) -> int:
+        return (register_value(registers, self.full) >> self.shift) & mask_bits(self.bits)
+
+
+def _build_sub_registers() -> dict[str, SubRegister]:
+    table: dict[str, SubRegister] = {}
+    for letter in "abcd":
+        full = f"r{letter}x"
+        table[full] = SubRegister(full, 0, 64)
+        table[f"e{letter}x"] = SubRegister(full, 0, 32)
+        table[f"{letter}x"] = SubRegister(full, 0, 16)
+        table[f"{letter}l"] = SubRegister(full, 0, 8)
+        table[f"{letter}h"] = SubRegister(full, 8, 8)
+    for name in ("si", "di", "bp", "sp"):
+        full = f"r{name}"
+        table[full] = SubRegister(full, 0, 64)
+        table[f"e{name}"] = SubRegister(full, 0, 32)
+        table[name] = SubRegister(full, 0, 16)
+        table[f"{name}l"] = SubRegister(full, 0, 8)
+    for number in range(8, 16):
+        full = f"r{number}"
+        table[full] = SubRegister(full, 0, 64)
+        table[f"{full}d"] = SubRegister(full, 0, 32)
+        table[f"{full}w"] = SubRegister(full, 0, 16)
+        table[f"{full}b"] = SubRegister(full, 0, 8)
+    table["rip"] = SubRegister("rip", 0, 64)
+    table["eip"] = SubRegister("rip", 0, 32)
+    table["ip"] = SubRegister("rip", 0, 16)
+    for number in range(16):
+        table[f"xmm{number}"] = SubRegister(f"xmm{number}", 0, 128)
+        table[f"ymm{number}"] = SubRegister(f"ymm{number}", 0, 256)
+    return table
+
+
+SUB_REGISTERS: dict[str, SubRegister] = _build_sub_registers()
+"""Every register name Capstone may print for an operand we read."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryOperand:
+    """A memory operand's address expression, as the instruction encodes it."""
+
+    segment: str
+    """The segment register that applies (override or default): ``ds``, ``es``, ``ss``, ``fs``..."""
+    base: str | None
+    index: str | None
+    scale: int
+    displacement: int
+    address_bits: int
+    """16, 32 or 64: the address size after any 0x67 prefix."""
+
+    @property
+    def rip_relative(self) -> bool:
+        return self.base in ("rip", "eip")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedStore:
+    """One decoded instruction that stores to memory, in ptemu's own terms."""
+
+    family: Family
+    mnemonic: str
+    """Instruction name as disassembled, prefixes included (``lock cmpxchg``)."""
+    text: str
+    """Full disassembly, for messages."""
+    length: int
+    code_bits: int
+    destination: MemoryOperand
+    access_size: int
+    """Bytes one store writes (per iteration for string instructions)."""
+    rep: bool
+    lock: bool
+    bit_offset_register: str | None = None
+    """BTS/BTR/BTC with a register bit offset: the register (bit-base addressing)."""
+    source: MemoryOperand | None = None
+    """The memory source of MOVS."""
+    source_register: str | None = None
+    """The register a plain store writes (MOV/MOVNTI/vector moves), when any."""
+    immediate: int | None = None
+    """The immediate a plain store writes (MOV imm), when any."""
+
+
+def linear_address(operand: MemoryOperand, registers: Mapping[str, int], code_bits: int,
+                   next_rip: int) -> int:
+    """The linear address `operand` designates for the guest's `registers`.
+
+    Effective address = base + index*scale + displacement, truncated to the
+    address size; RIP-relative counts from the next instruction. Then the
+    segment base is added: in 64-bit code only FS and GS have one (SDM vol. 3,
+    3.4.4); in 16/32-bit code the result wraps at 4 GiB.
+    """
+    if operand.rip_relative:
+        offset = next_rip + operand.displacement
+    else:
+        offset = operand.displacement
+        if operand.base is not None:
+            offset += SUB_REGISTERS[operand.base].read(registers)
+        if operand.index is not None:
+            offset += SUB_REGISTERS[operand.index].read(registers) * operand.scale
+    offset &= mask_bits(operand.address_bits)
+    if code_bits == 64:
+        if operand.segment in ("fs", "gs"):
+            return (offset + register_value(registers, f"{operand.segment}_base")) & mask_bits(64)
+        return offset
+    return (offset + register_value(registers, f"{operand.segment}_base")) & mask_bits(32)
+
+
+def signed(value: int, bits: int) -> int:
+    """`value` read as a two's-complement number of `bits` bits."""
+    value &= mask_bits(bits)
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def destination_address(store: DecodedStore, registers: Mapping[str, int], rip: int) -> int:
+    """The linear address of the first byte the instruction's first store writes.
+
+    For BTS/BTR/BTC with a register bit offset the CPU addresses the
+    operand-sized unit that holds the bit (SDM vol. 2, "BT", bit-base
+    addressing): base address + operand size * floor(offset / operand bits).
+    """
+    next_rip = (rip + store.length) & mask_bits(64 if store.code_bits == 64 else 32)
+    address = linear_address(store.destination, registers, store.code_bits, next_rip)
+    if store.bit_offset_register is not None:
+        bits = store.access_size * 8
+        offset = signed(SUB_REGISTERS[store.bit_offset_register].read(registers), bits)
+        address += store.access_size * (offset // bits)
+        address &= mask_bits(64 if store.code_bits == 64 else 32)
+    return address

@@ -1,0 +1,273 @@
+"""The only module the handler uses Unicorn through: run one instruction at
+the guest's real linear addresses against copies of its pages.
+
+Unicorn cannot map kernel addresses such as ``0xffff888000001000`` directly,
+so the engine runs in its virtual-TLB mode: a TLB-fill hook translates each
+linear page the instruction touches to one of a few physical pages of the
+engine (the code window, the page-table page snapshot, a MOVS source, the
+GDT). In 16/32-bit code the segment bases are real: the engine loads its own
+GDT whose descriptors carry the guest's bases (and a 16-bit code descriptor for
+16-bit code), so address generation is the CPU's, not ours.
+
+Hooks only record; the caller decides. Nothing the caller passes is mutated.
+One engine per code size is created once and reused for every run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import unicorn
+from unicorn import x86_const as ux
+from unicorn.unicorn_py3.unicorn import uclib
+
+from ptemu.registers import GENERAL_REGISTERS, register_value
+from ptemu.values import PAGE_SIZE, mask_bits, page_base
+
+ENGINE_CODE_PAGES = 2
+"""Physical pages 0-1 hold the code window (an instruction may cross a page)."""
+ENGINE_DATA_BASE = ENGINE_CODE_PAGES * PAGE_SIZE
+MAX_DATA_PAGES = 4
+ENGINE_GDT = ENGINE_DATA_BASE + MAX_DATA_PAGES * PAGE_SIZE
+ENGINE_MEMORY = ENGINE_GDT + PAGE_SIZE
+
+ARITHMETIC_FLAGS = 0x8D5
+"""CF PF AF ZF SF OF: the flags the stores ptemu emulates read or define."""
+ENGINE_FLAGS = ARITHMETIC_FLAGS | 0x400
+"""Plus DF, which string instructions read. Other guest flags (TF, IF, AC...)
+are not handed to the engine: TF would trap in it, AC is not modelled."""
+
+FAULT_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 5: "#BR", 6: "#UD", 7: "#NM", 12: "#SS",
+               13: "#GP(0)", 14: "#PF", 16: "#MF", 17: "#AC(0)", 19: "#XM"}
+
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
+_SELECTOR_IDS = {name: getattr(ux, f"UC_X86_REG_{name.upper()}") for name in _SEGMENTS}
+_GPR64_IDS = {name: getattr(ux, f"UC_X86_REG_{name.upper()}") for name in GENERAL_REGISTERS}
+_GPR32_IDS = {name: getattr(ux, f"UC_X86_REG_E{name[1:].upper()}")
+              for name in GENERAL_REGISTERS[:8]}
+_XMM_IDS = {f"xmm{i}": getattr(ux, f"UC_X86_REG_XMM{i}") for i in range(16)}
+
+
+@dataclass(frozen=True, slots=True)
+class EmulationRun:
+    """What one run of the engine left behind."""
+
+    registers: dict[str, int]
+    """General registers, ``rip`` and ``rflags`` after the run (full guest
+    widths: in 16/32-bit code the high halves are the guest's own)."""
+    pages: tuple[bytes, ...]
+    """The data pages after the run, in the order they were given."""
+    fault: str | None = None
+    """The exception the instruction raised instead of completing, if any."""
+    refusal: str | None = None
+    """Why the engine could not run it (an access outside the given pages)."""
+
+
+def _descriptor(base: int, *, code: bool, default_32: bool) -> bytes:
+    """A flat 4 GiB GDT descriptor with `base` (SDM vol. 3, 3.4.5)."""
+    limit = 0xFFFFF
+    access = 0x9B if code else 0x93  # present, DPL 0, code RX / data RW, accessed
+    flags = 0x8 | (0x4 if default_32 else 0x0)  # G=1, D/B
+    value = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (access << 40)
+    value |= ((limit >> 16) & 0xF) << 48 | (flags << 52) | (((base >> 24) & 0xFF) << 56)
+    return struct.pack("<Q", value)
+
+
+class _RegisterBlock:
+    """Registers moved with one ``uc_reg_{read,write}_batch`` call.
+
+    The Python wrapper's per-register path costs several microseconds a
+    register; one batch call over preallocated ctypes arrays costs about one.
+    """
+
+    def __init__(self, uc: Any, register_ids: Sequence[int]) -> None:
+        count = len(register_ids)
+        self._uc = uc
+        self._count = count
+        self._ids = (ctypes.c_int * count)(*register_ids)
+        self.values = (ctypes.c_uint64 * count)()
+        self._pointers = (ctypes.c_void_p * count)(
+            *(ctypes.addressof(self.values) + 8 * i for i in range(count)))
+
+    def write(self, values: Sequence[int]) -> None:
+        self.values[:] = values
+        status = uclib.uc_reg_write_batch(self._uc._uch, self._ids, self._pointers, self._count)
+        if status != unicorn.UC_ERR_OK:
+            raise unicorn.UcError(status)
+
+    def read(self) -> list[int]:
+        self.values[:] = [0] * self._count  # 32-bit registers fill only the low half
+        status = uclib.uc_reg_read_batch(self._uc._uch, self._ids, self._pointers, self._count)
+        if status != unicorn.UC_ERR_OK:
+            raise unicorn.UcError(status)
+        return list(self.values)
+
+
+class _Engine:
+    """One Unicorn instance for one CPU mode, with its hooks installed once."""
+
+    def __init__(self, mode: int) -> None:
+        self.uc: Any = unicorn.Uc(unicorn.UC_ARCH_X86, mode)
+        self.wide = mode == unicorn.UC_MODE_64
+        gprs = _GPR64_IDS if self.wide else _GPR32_IDS
+        self.gpr_names = tuple(gprs)
+        flags_id = ux.UC_X86_REG_RFLAGS if self.wide else ux.UC_X86_REG_EFLAGS
+        pc_id = ux.UC_X86_REG_RIP if self.wide else ux.UC_X86_REG_EIP
+        bases = (ux.UC_X86_REG_FS_BASE, ux.UC_X86_REG_GS_BASE) if self.wide else ()
+        self.state_in = _RegisterBlock(self.uc, (*gprs.values(), flags_id, pc_id, *bases))
+        self.state_out = _RegisterBlock(self.uc, (*gprs.values(), flags_id, pc_id))
+        self.uc.ctl_set_tlb_mode(unicorn.UC_TLB_VIRTUAL)
+        self.uc.mem_map(0, ENGINE_MEMORY)
+        self.translations: dict[int, int] = {}
+        self.fault_vector: int | None = None
+        self.code_placed: tuple[int, bytes] | None = None
+        self.uc.hook_add(unicorn.UC_HOOK_TLB_FILL, self._fill_tlb)
+        self.uc.hook_add(unicorn.UC_HOOK_INTR, self._record_interrupt)
+
+    def _fill_tlb(self, uc: Any, address: int, access: int, entry: Any, user_data: Any) -> bool:
+        physical = self.translations.get(address & ~(PAGE_SIZE - 1))
+        if physical is None:
+            return False
+        entry.paddr = physical
+        entry.perms = unicorn.UC_PROT_ALL
+        return True
+
+    def _record_interrupt(self, uc: Any, vector: int, user_data: Any) -> None:
+        self.fault_vector = vector
+        uc.emu_stop()
+
+
+class UnicornEmulator:
+    """Runs one instruction of guest code at its real linear addresses."""
+
+    def __init__(self) -> None:
+        self._engines: dict[int, _Engine] = {}
+
+    def _engine(self, code_bits: int) -> _Engine:
+        key = 64 if code_bits == 64 else 32
+        engine = self._engines.get(key)
+        if engine is None:
+            engine = _Engine(unicorn.UC_MODE_64 if key == 64 else unicorn.UC_MODE_32)
+            self._engines[key] = engine
+        return engine
+
+    def run(self, *, code_bits: int, registers: Mapping[str, int], code: bytes,
+            data_pages: Sequence[tuple[int, bytes]], steps: int = 1,
+            vector_registers: Sequence[str] = ()) -> EmulationRun:
+        """Execute `steps` instruction steps (one REP iteration each) of `code`.
+
+        `data_pages` are ``(linear page address, 4 KiB contents)``: the only
+        memory the instruction may touch besides its code. `registers` are the
+        guest's before the instruction; `vector_registers` the xmm registers
+        it reads.
+        """
+        if len(data_pages) > MAX_DATA_PAGES:
+            raise ValueError(f"at most {MAX_DATA_PAGES} data pages per run")
+        engine = self._engine(code_bits)
+        uc = engine.uc
+        width = 64 if code_bits == 64 else 32
+        rip = register_value(registers, "rip") & mask_bits(width)
+        code_linear = rip
+        if code_bits != 64:
+            code_linear = (rip + register_value(registers, "cs_base")) & mask_bits(32)
+        code_page = page_base(code_linear)
+        translations = {code_page: 0,
+                        (code_page + PAGE_SIZE) & mask_bits(width): PAGE_SIZE}
+        for number, (linear_page, _) in enumerate(data_pages):
+            if linear_page in translations and translations[linear_page] < ENGINE_DATA_BASE:
+                return EmulationRun(dict(registers), tuple(p for _, p in data_pages),
+                                    refusal="the instruction's code lies on a monitored page")
+            translations[linear_page] = ENGINE_DATA_BASE + number * PAGE_SIZE
+
+        start = code_linear - code_page
+        placed = (code_linear, code)
+        if engine.code_placed != placed:
+            # New code where translated blocks of older code may be cached:
+            # rewrite the window and drop every block translated from it.
+            window = bytearray(ENGINE_CODE_PAGES * PAGE_SIZE)
+            window[start:start + len(code)] = code[:len(window) - start]
+            uc.mem_write(0, bytes(window))
+            uc.ctl_flush_tb()
+            engine.code_placed = placed
+        for number, (_, contents) in enumerate(data_pages):
+            uc.mem_write(ENGINE_DATA_BASE + number * PAGE_SIZE, contents)
+
+        if code_bits != 64:
+            gdt_linear = self._free_page(translations, width)
+            translations[gdt_linear] = ENGINE_GDT
+        engine.translations = translations
+        engine.fault_vector = None
+        uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+
+        guest_flags = register_value(registers, "rflags")
+        values = [register_value(registers, name) & mask_bits(width) for name in engine.gpr_names]
+        values.append((guest_flags & ENGINE_FLAGS) | 0x2)
+        values.append(rip)
+        if code_bits == 64:
+            values.append(register_value(registers, "fs_base"))
+            values.append(register_value(registers, "gs_base"))
+        else:
+            self._load_segments(uc, registers, code_bits, gdt_linear)
+        engine.state_in.write(values)
+        for name in vector_registers:
+            uc.reg_write(_XMM_IDS[name], register_value(registers, name))
+
+        refusal = None
+        fault = None
+        try:
+            uc.emu_start(rip, 0, count=steps)
+        except unicorn.UcError as error:
+            if error.errno == unicorn.UC_ERR_INSN_INVALID:
+                fault = "#UD"
+            elif error.errno in (unicorn.UC_ERR_READ_UNMAPPED, unicorn.UC_ERR_WRITE_UNMAPPED,
+                                 unicorn.UC_ERR_FETCH_UNMAPPED):
+                refusal = "the instruction accesses memory outside the pages it was given"
+            else:
+                refusal = f"the engine stopped: {error}"
+        if engine.fault_vector is not None:
+            fault = FAULT_NAMES.get(engine.fault_vector, f"vector {engine.fault_vector}")
+        if fault is not None or refusal is not None:
+            # An exception leaves QEMU's pending-exception state behind (the
+            # next fault would be reported as #DF): start the next run afresh.
+            del self._engines[64 if code_bits == 64 else 32]
+
+        after = dict(registers)
+        *gpr_values, flags, rip_after = engine.state_out.read()
+        for name, value in zip(engine.gpr_names, gpr_values):
+            if width == 32:
+                value |= register_value(registers, name) & ~mask_bits(32)
+            after[name] = value
+        if width == 32:
+            rip_after |= rip & ~mask_bits(32)
+        after["rip"] = rip_after
+        after["rflags"] = (guest_flags & ~ENGINE_FLAGS) | (flags & ENGINE_FLAGS) | 0x2
+        pages = tuple(bytes(uc.mem_read(ENGINE_DATA_BASE + number * PAGE_SIZE, PAGE_SIZE))
+                      for number in range(len(data_pages)))
+        return EmulationRun(after, pages, fault=fault, refusal=refusal)
+
+    @staticmethod
+    def _free_page(translations: Mapping[int, int], width: int) -> int:
+        """A linear page for the engine's GDT that the instruction does not use."""
+        candidate = page_base(mask_bits(width))
+        while candidate in translations:
+            candidate -= PAGE_SIZE
+        return candidate
+
+    @staticmethod
+    def _load_segments(uc: Any, registers: Mapping[str, int], code_bits: int,
+                       gdt_linear: int) -> None:
+        """Give every segment register the guest's base through the engine's GDT."""
+        table = bytearray(8)  # the null descriptor
+        selectors: dict[str, int] = {}
+        for name in _SEGMENTS:
+            selectors[name] = len(table)
+            table += _descriptor(register_value(registers, f"{name}_base"),
+                                 code=name == "cs", default_32=name != "cs" or code_bits == 32)
+        uc.mem_write(ENGINE_GDT, bytes(table))
+        uc.reg_write(ux.UC_X86_REG_GDTR, (0, gdt_linear, len(table) - 1, 0))
+        for name in ("ds", "es", "fs", "gs", "ss", "cs"):
+            uc.reg_write(_SELECTOR_IDS[name], selectors[name])

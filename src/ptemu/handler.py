@@ -1,0 +1,402 @@
+"""The EPT write-violation handler: decode, check, emulate, commit, reassemble.
+
+An introspection engine write-protects a guest's page-table pages in the EPT
+and calls `PtWriteHandler.handle_ept_write` from the write-violation exit with
+the vCPU's registers *before* the instruction, the bytes at RIP, and the
+faulting GPA and GLA. The handler
+
+1. decodes the instruction (Capstone, cached by code size and bytes);
+2. checks that its destination covers the faulting GLA (else `REJECTED`) and
+   stays in the faulting page (else `UNSUPPORTED`; REP string instructions
+   are cut at the page end instead);
+3. emulates it (Unicorn) against a snapshot of the page and commits the
+   stored bytes with an atomic compare-and-store over the entries it wrote,
+   starting over when an entry changed meanwhile (the CPU sets A/D bits
+   behind our back), at most `max_commit_attempts` times (else `CONTENDED`);
+4. in 32-bit PAE code, emulates a following store of the other half of the
+   same entry in the same exit (semantics.md section 2);
+5. fills the vCPU's PtEmuBuffer and feeds every write record to its entry's
+   write state, reporting each entry `COMPLETE` (classified), `PARTIAL` or
+   `DUPLICATE`.
+
+Whatever the guest does, the handler returns a status: an event that is not
+`EMULATED` has changed neither guest memory, nor registers, nor write state.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ptemu.decoder.capstone_adapter import CapstoneDecoder, DecodeRefusal
+from ptemu.decoder.families import Access
+from ptemu.decoder.model import SUB_REGISTERS, DecodedStore, destination_address
+from ptemu.emulator import UnicornEmulator
+from ptemu.errors import UsageError
+from ptemu.memory import GuestMemory
+from ptemu.paging import PagingMode, classify, paging_mode
+from ptemu.registers import register_value
+from ptemu.results import EntryResult, EventResult, WriteRecord
+from ptemu.status import EntryState, Policy, Status
+from ptemu.values import PAGE_SIZE, mask_bits, page_base, page_offset
+from ptemu.vcpu import Vcpu
+from ptemu.writestate import WriteInput, WriteStateTable
+
+DEFAULT_DECODE_CACHE_SIZE = 4096
+"""Distinct instructions kept decoded (least recently used ones go first)."""
+DEFAULT_MAX_COMMIT_ATTEMPTS = 16
+"""Emulate-and-commit rounds before an ever-changing entry gives `CONTENDED`."""
+
+_CHANGED_REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9",
+                      "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+_DF = 1 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class WriteEvent:
+    """One EPT write violation on a page-table page, as the hypervisor saw it."""
+
+    gpa: int
+    """Guest-physical address of the first byte the faulting access wrote."""
+    gla: int
+    """Guest-linear address of that byte."""
+    regs: Mapping[str, int]
+    """The vCPU's registers before the instruction (`ptemu.registers` names)."""
+    code: bytes
+    """The bytes at RIP: the whole instruction, and more for PAE coalescing."""
+    code_bits: int
+    """16, 32 or 64: the operating size of the faulting code."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Emulated:
+    """One instruction emulated and committed."""
+
+    store: DecodedStore
+    rip: int
+    registers: dict[str, int]
+    writes: tuple[WriteRecord, ...]
+    entries_after: dict[int, int]
+    """Whole value of each entry written, after the instruction."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    status: Status
+    reason: str
+    fault: str | None = None
+
+
+class PtWriteHandler:
+    """Emulates guest writes to one guest's write-protected page tables.
+
+    One handler serves one guest (its memory, its paging mode and the write
+    state of its entries) and any number of vCPUs; it holds no global state.
+    It is not thread-safe: serve one guest's events from one thread, or lock.
+    """
+
+    def __init__(self, memory: GuestMemory, paging: str | PagingMode, *,
+                 policy: Policy | str = Policy.STRICT, coalesce: bool = True,
+                 max_commit_attempts: int = DEFAULT_MAX_COMMIT_ATTEMPTS,
+                 decode_cache_size: int = DEFAULT_DECODE_CACHE_SIZE,
+                 table_levels: Mapping[int, int] | None = None) -> None:
+        """`table_levels` optionally maps a page-table page's GPA to its level
+        (1 = PTE ... 5 = PML5E), which lets `classify` read bit 7 as PAT or PS."""
+        self.mode = paging if isinstance(paging, PagingMode) else paging_mode(paging)
+        try:
+            self.policy = Policy(policy)
+        except ValueError:
+            raise UsageError(f"unknown policy {policy!r}: expected 'strict' or 'hvmi'") from None
+        if max_commit_attempts < 1:
+            raise UsageError("max_commit_attempts must be at least 1")
+        if decode_cache_size < 1:
+            raise UsageError("decode_cache_size must be at least 1")
+        self.memory = memory
+        self.coalesce = coalesce
+        self.max_commit_attempts = max_commit_attempts
+        self.entry_size = self.mode.entry_size
+        self.table_levels = dict(table_levels or {})
+        self.write_state = WriteStateTable()
+        self._guest_is_32bit = self.mode.name in ("legacy", "pae")
+        self._decoder = CapstoneDecoder()
+        self._emulator = UnicornEmulator()
+        self._decode_cache: OrderedDict[tuple[int, bytes], DecodedStore | DecodeRefusal] = (
+            OrderedDict())
+        self._decode_cache_size = decode_cache_size
+
+    # -- public API ---------------------------------------------------------
+
+    def handle_ept_write(self, vcpu: Vcpu, event: WriteEvent) -> EventResult:
+        """Emulate the write behind one EPT violation; see the module docstring."""
+        if event.code_bits not in (16, 32, 64):
+            raise UsageError(f"code_bits must be 16, 32 or 64, not {event.code_bits!r}")
+        buffer = vcpu.pt_emu_buffer
+        if buffer.valid:
+            return EventResult(Status.ALREADY_INITIALIZED,
+                               reason="a page-table write was already emulated in this exit")
+        if page_offset(event.gla) != page_offset(event.gpa):
+            return EventResult(Status.REJECTED, reason=(
+                f"GLA {event.gla:#x} and GPA {event.gpa:#x} are at different page offsets"))
+        first = self._emulate_one(event.code_bits, event.code, event.regs, event.gpa, event.gla)
+        if isinstance(first, _Refused):
+            return EventResult(first.status, reason=first.reason, fault=first.fault)
+        done = [first]
+        if self._may_coalesce(event, first):
+            second = self._coalesce_second_half(event, first)
+            if second is not None:
+                done.append(second)
+        return self._finish(vcpu, event, done)
+
+    def flush(self, entry_gpa: int) -> EntryResult | None:
+        """Report a pending entry as complete with its value in memory now.
+
+        Returns None when the entry has nothing pending.
+        """
+        entry_gpa -= entry_gpa % self.entry_size
+        now = int.from_bytes(self.memory.read(entry_gpa, self.entry_size), "little")
+        outcome = self.write_state.flush(entry_gpa, now)
+        if outcome is None:
+            return None
+        return self._entry_result(entry_gpa, outcome.state, outcome.old, outcome.new)
+
+    def pending(self) -> tuple[int, ...]:
+        """GPAs of the entries with a partial write pending, in address order."""
+        return self.write_state.pending()
+
+    # -- decoding -----------------------------------------------------------
+
+    def decode(self, code_bits: int, code: bytes) -> DecodedStore | DecodeRefusal:
+        """Decode (or recall) the instruction at the start of `code`."""
+        key = (code_bits, bytes(code[:15]))
+        cached = self._decode_cache.get(key)
+        if cached is not None:
+            self._decode_cache.move_to_end(key)
+            return cached
+        decoded = self._decoder.decode(code_bits, code)
+        self._decode_cache[key] = decoded
+        if len(self._decode_cache) > self._decode_cache_size:
+            self._decode_cache.popitem(last=False)
+        return decoded
+
+    # -- one instruction ----------------------------------------------------
+
+    def _emulate_one(self, code_bits: int, code: bytes, regs: Mapping[str, int], gpa: int,
+                     gla: int) -> _Emulated | _Refused:
+        decoded = self.decode(code_bits, code)
+        if isinstance(decoded, DecodeRefusal):
+            return _Refused(Status.UNSUPPORTED, decoded.reason)
+        store = decoded
+        width = 64 if code_bits == 64 else 32
+        rip = register_value(regs, "rip") & mask_bits(width)
+        address = destination_address(store, regs, rip)
+        size = store.access_size
+        if not address <= gla < address + size:
+            return _Refused(Status.REJECTED, (
+                f"'{store.text}' writes {address:#x}..{address + size - 1:#x}, "
+                f"not the faulting GLA {gla:#x}"))
+        alignment = size if store.family.alignment == -1 else store.family.alignment
+        if address % alignment:
+            return _Refused(Status.FAULT, (
+                f"'{store.text}' needs a {alignment}-byte aligned destination, got {address:#x}"),
+                fault="#GP(0)")
+        span = self._written_span(store, regs, address)
+        if isinstance(span, _Refused):
+            return span
+        low, high, iterations = span
+        page_gla = page_base(gla)
+        page_gpa = page_base(gpa)
+        # Offsets of the written bytes inside the page, entry-aligned for the commit.
+        low_offset = low - page_gla
+        high_offset = high - page_gla
+        entry_low = low_offset - low_offset % self.entry_size
+        entry_high = -(-high_offset // self.entry_size) * self.entry_size
+        data_pages: list[tuple[int, bytes]] = []
+        source_pages = self._source_pages(store, regs, iterations)
+        if isinstance(source_pages, _Refused):
+            return source_pages
+        for _attempt in range(self.max_commit_attempts):
+            snapshot = self.memory.read(page_gpa, PAGE_SIZE)
+            data_pages = [(page_gla, snapshot), *source_pages]
+            run = self._run(store, code, regs, data_pages, iterations)
+            if isinstance(run, _Refused):
+                return run
+            after, registers = run
+            if after[:low_offset] != snapshot[:low_offset] or \
+                    after[high_offset:] != snapshot[high_offset:]:
+                return _Refused(Status.UNSUPPORTED,
+                                f"'{store.text}' wrote outside the bytes it addresses")
+            if self.memory.compare_and_store(page_gpa + entry_low, snapshot[entry_low:entry_high],
+                                             after[entry_low:entry_high]):
+                break
+        else:
+            return _Refused(Status.CONTENDED, (
+                f"the entries at {page_gpa + entry_low:#x} kept changing during "
+                f"{self.max_commit_attempts} attempts"))
+        writes, entries_after = self._records(store, regs, page_gpa, low_offset, high_offset,
+                                              snapshot, after)
+        return _Emulated(store, rip, registers, writes, entries_after)
+
+    def _written_span(self, store: DecodedStore, regs: Mapping[str, int],
+                      address: int) -> tuple[int, int, int] | _Refused:
+        """Linear [low, high) the instruction writes in the faulting page, and
+        the REP iterations that stay inside it (1 when not REP)."""
+        size = store.access_size
+        page = page_base(address)
+        if page_base(address + size - 1) != page:
+            return _Refused(Status.UNSUPPORTED, (
+                f"'{store.text}' writes {address:#x}..{address + size - 1:#x}, "
+                "across the end of the page"))
+        if not store.rep:
+            return address, address + size, 1
+        # The count is rCX at the address size (CX, ECX or RCX).
+        count = register_value(regs, "rcx") & mask_bits(store.destination.address_bits)
+        if count == 0:
+            return _Refused(Status.REJECTED, f"'{store.text}' with a zero count writes nothing")
+        downwards = bool(register_value(regs, "rflags") & _DF)
+        if downwards:
+            iterations = min(count, (address - page) // size + 1)
+            return address - (iterations - 1) * size, address + size, iterations
+        iterations = min(count, (page + PAGE_SIZE - address) // size)
+        return address, address + iterations * size, iterations
+
+    def _source_pages(self, store: DecodedStore, regs: Mapping[str, int],
+                      iterations: int) -> list[tuple[int, bytes]] | _Refused:
+        """The pages MOVS reads, through the guest's own page tables."""
+        if store.source is None:
+            return []
+        return _Refused(Status.UNSUPPORTED, f"'{store.text}': MOVS sources are not read yet")
+
+    def _run(self, store: DecodedStore, code: bytes, regs: Mapping[str, int],
+             data_pages: list[tuple[int, bytes]], iterations: int,
+             ) -> tuple[bytes, dict[str, int]] | _Refused:
+        if store.family.register_store:
+            return self._register_store(store, regs, data_pages[0])
+        vector = ()
+        if store.source_register is not None and store.source_register.startswith("xmm"):
+            vector = (store.source_register,)
+        try:
+            run = self._emulator.run(code_bits=store.code_bits, registers=regs, code=code,
+                                     data_pages=data_pages, steps=iterations,
+                                     vector_registers=vector)
+        except Exception as error:  # the engine refused its inputs: never crash the guest
+            return _Refused(Status.UNSUPPORTED, f"'{store.text}': emulation failed: {error}")
+        if run.fault is not None:
+            return _Refused(Status.FAULT, f"'{store.text}' raises {run.fault}", fault=run.fault)
+        if run.refusal is not None:
+            return _Refused(Status.UNSUPPORTED, f"'{store.text}': {run.refusal}")
+        return run.pages[0], run.registers
+
+    @staticmethod
+    def _register_store(store: DecodedStore, regs: Mapping[str, int],
+                        page: tuple[int, bytes]) -> tuple[bytes, dict[str, int]] | _Refused:
+        """A plain register-to-memory move ptemu performs itself (VEX stores)."""
+        if store.source_register is None:
+            return _Refused(Status.UNSUPPORTED, f"'{store.text}' has no source register")
+        value = SUB_REGISTERS[store.source_register].read(regs)
+        width = 64 if store.code_bits == 64 else 32
+        address = destination_address(store, regs, register_value(regs, "rip"))
+        offset = address - page[0]
+        data = (value & mask_bits(8 * store.access_size)).to_bytes(store.access_size, "little")
+        after = page[1][:offset] + data + page[1][offset + store.access_size:]
+        registers = dict(regs)
+        registers["rip"] = (register_value(regs, "rip") + store.length) & mask_bits(width)
+        return after, registers
+
+    def _records(self, store: DecodedStore, regs: Mapping[str, int], page_gpa: int,
+                 low: int, high: int, before: bytes, after: bytes,
+                 ) -> tuple[tuple[WriteRecord, ...], dict[int, int]]:
+        """One record per entry in [low, high), in the order the guest wrote them."""
+        size = self.entry_size
+        starts = range(low - low % size, high, size)
+        if store.rep and register_value(regs, "rflags") & _DF:
+            starts = starts[::-1]
+        records = []
+        entries_after = {}
+        for start in starts:
+            first = max(low, start)
+            last = min(high, start + size)
+            entry_gpa = page_gpa + start
+            records.append(WriteRecord(
+                gpa=entry_gpa, offset=first - start, size=last - first,
+                value=int.from_bytes(after[first:last], "little"),
+                old=int.from_bytes(before[start:start + size], "little")))
+            entries_after[entry_gpa] = int.from_bytes(after[start:start + size], "little")
+        return tuple(records), entries_after
+
+    # -- PAE second half ----------------------------------------------------
+
+    def _may_coalesce(self, event: WriteEvent, first: _Emulated) -> bool:
+        return (self.coalesce and self.mode.name == "pae" and event.code_bits != 64
+                and not first.store.rep and len(first.writes) == 1
+                and first.writes[0].size == 4 and first.registers["rip"] != first.rip)
+
+    def _coalesce_second_half(self, event: WriteEvent, first: _Emulated) -> _Emulated | None:
+        """Emulate the next instruction too when it writes the entry's other half."""
+        record = first.writes[0]
+        rest = event.code[first.store.length:]
+        if not rest:
+            return None
+        decoded = self.decode(event.code_bits, rest)
+        if isinstance(decoded, DecodeRefusal) or not decoded.family.pae_second_half \
+                or decoded.access_size != 4 or decoded.rep:
+            return None
+        other_half_gpa = record.gpa + (4 - record.offset)
+        other_half_gla = page_base(event.gla) + page_offset(other_half_gpa)
+        regs = first.registers
+        address = destination_address(decoded, regs, regs["rip"])
+        if address != other_half_gla:
+            return None
+        second = self._emulate_one(event.code_bits, rest, regs, other_half_gpa, other_half_gla)
+        return second if isinstance(second, _Emulated) else None
+
+    # -- reporting ----------------------------------------------------------
+
+    def _finish(self, vcpu: Vcpu, event: WriteEvent, done: list[_Emulated]) -> EventResult:
+        writes = tuple(record for item in done for record in item.writes)
+        final = done[-1].registers
+        changed = {name: final[name] for name in _CHANGED_REGISTERS
+                   if final.get(name, 0) != register_value(event.regs, name)}
+        # Strict duplicates need "same GPA, same registers": a hash is enough,
+        # since a duplicate must also find memory already holding its bytes.
+        fingerprint = hash((event.gpa, frozenset(event.regs.items())))
+        outcomes: dict[int, EntryResult] = {}
+        for item in done:
+            read_modify_write = item.store.family.access is Access.READ_MODIFY_WRITE
+            for record in item.writes:
+                entry_after = item.entries_after[record.gpa]
+                shift = 8 * record.offset
+                unchanged = (record.old >> shift) & mask_bits(8 * record.size) == record.value
+                outcome = self.write_state.apply(
+                    record.gpa,
+                    WriteInput(offset=record.offset, size=record.size, value=record.value,
+                               entry_before=record.old, entry_after=entry_after, rip=item.rip,
+                               read_modify_write=read_modify_write, rep_string=item.store.rep,
+                               event_fingerprint=fingerprint,
+                               first_of_event=record.gpa not in outcomes,
+                               unchanged=unchanged),
+                    entry_size=self.entry_size, policy=self.policy,
+                    guest_is_32bit=self._guest_is_32bit)
+                outcomes[record.gpa] = self._entry_result(record.gpa, outcome.state,
+                                                          outcome.old, outcome.new)
+        head = writes[0]
+        buffer = vcpu.pt_emu_buffer
+        buffer.old, buffer.new = head.old, head.value
+        buffer.partial = head.size < self.entry_size
+        buffer.valid = buffer.emulated = True
+        buffer.writes = writes
+        undefined = 0
+        for item in done:
+            undefined |= item.store.family.undefined_flags
+        return EventResult(Status.EMULATED, writes=writes,
+                           entries=tuple(outcomes[gpa] for gpa in sorted(outcomes)),
+                           regs=changed, undefined_flags=undefined, instructions=len(done))
+
+    def _entry_result(self, entry_gpa: int, state: EntryState, old: int | None,
+                      new: int | None) -> EntryResult:
+        if state is not EntryState.COMPLETE or old is None or new is None:
+            return EntryResult(entry_gpa, state)
+        level = self.table_levels.get(page_base(entry_gpa))
+        change: Any = classify(self.mode, level, old, new)
+        return EntryResult(entry_gpa, state, old, new, change)
