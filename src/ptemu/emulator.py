@@ -178,7 +178,9 @@ class UnicornEmulator:
         translations = {code_page: 0,
                         (code_page + PAGE_SIZE) & mask_bits(width): PAGE_SIZE}
         for number, (linear_page, _) in enumerate(data_pages):
-            if linear_page in translations and translations[linear_page] < ENGINE_DATA_BASE:
+            # A data page may be the page after the code's (an instruction
+            # that crosses into it is not one that writes it), not the code's own.
+            if linear_page == code_page:
                 return EmulationRun(dict(registers), tuple(p for _, p in data_pages),
                                     refusal="the instruction's code lies on a monitored page")
             translations[linear_page] = ENGINE_DATA_BASE + number * PAGE_SIZE

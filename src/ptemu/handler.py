@@ -36,7 +36,8 @@ from ptemu.decoder.model import SUB_REGISTERS, DecodedStore, destination_address
 from ptemu.emulator import UnicornEmulator
 from ptemu.errors import UsageError
 from ptemu.memory import GuestMemory
-from ptemu.paging import PagingMode, classify, paging_mode
+from ptemu.paging.classify import classify
+from ptemu.paging.modes import PagingMode, paging_mode
 from ptemu.registers import register_value
 from ptemu.results import EntryResult, EventResult, WriteRecord
 from ptemu.status import EntryState, Policy, Status

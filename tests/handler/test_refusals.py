@@ -1,0 +1,119 @@
+"""What a guest can get wrong: every refusal is a status and changes nothing."""
+
+from __future__ import annotations
+
+from ptemu.status import Status
+
+RIP64 = 0xFFFFFFFF81001234
+GLA64 = 0xFFFF888012345FF8
+GPA64 = 0x12345FF8
+
+
+def _unchanged(guest, before):
+    assert guest.memory == before
+    assert guest.handler.pending() == ()
+    assert not guest.vcpu.pt_emu_buffer.valid
+
+
+def test_instruction_that_stores_nothing_is_unsupported(make_guest):
+    guest = make_guest()
+    before = guest.memory.copy()
+    for code in ("90", "48 8b 07", "0f ab c7"):  # nop; mov rax,[rdi]; bts edi,eax
+        result = guest.write(code, {"rip": RIP64, "rdi": GLA64}, GLA64, GPA64)
+        assert result.status is Status.UNSUPPORTED, code
+        assert (result.writes, result.entries, dict(result.regs)) == ((), (), {})
+    _unchanged(guest, before)
+
+
+def test_store_elsewhere_is_rejected(make_guest):
+    guest = make_guest()
+    before = guest.memory.copy()
+    result = guest.write("48 89 37", {"rip": RIP64, "rdi": GLA64 - 8, "rsi": 1}, GLA64, GPA64)
+    assert result.status is Status.REJECTED
+    _unchanged(guest, before)
+
+
+def test_gla_gpa_offset_mismatch_is_rejected(make_guest):
+    guest = make_guest()
+    result = guest.write("48 89 37", {"rip": RIP64, "rdi": GLA64, "rsi": 1}, GLA64, GPA64 - 8)
+    assert result.status is Status.REJECTED
+
+
+def test_write_across_page_end_is_unsupported(make_guest):
+    guest = make_guest()
+    before = guest.memory.copy()
+    result = guest.write("48 89 37", {"rip": RIP64, "rdi": GLA64 + 4, "rsi": 1},
+                         GLA64 + 4, GPA64 + 4)
+    assert result.status is Status.UNSUPPORTED
+    _unchanged(guest, before)
+
+
+def test_undecodable_bytes_are_unsupported(make_guest):
+    guest = make_guest()
+    result = guest.write("ff ff", {"rip": RIP64}, GLA64, GPA64)
+    assert result.status is Status.UNSUPPORTED
+
+
+def test_second_emulation_in_one_exit_is_already_initialized(make_guest):
+    guest = make_guest()
+    first = guest.write("48 89 37", {"rip": RIP64, "rdi": GLA64, "rsi": 1}, GLA64, GPA64)
+    assert first.status is Status.EMULATED
+    from ptemu.handler import WriteEvent
+
+    event = WriteEvent(GPA64, GLA64, {"rip": RIP64, "rdi": GLA64, "rsi": 2},
+                       bytes.fromhex("488937"), 64)
+    again = guest.handler.handle_ept_write(guest.vcpu, event)  # same exit: no begin_exit
+    assert again.status is Status.ALREADY_INITIALIZED
+    assert guest.entry(GPA64) == 1
+
+
+def test_contended_entry_gives_up_and_changes_nothing(make_guest):
+    # Memory whose entry changes on every read: the commit never succeeds.
+    from ptemu.handler import PtWriteHandler, WriteEvent
+    from ptemu.memory import InMemoryGuestMemory
+    from ptemu.vcpu import Vcpu
+
+    class RacingMemory(InMemoryGuestMemory):
+        def read(self, gpa, size):
+            data = super().read(gpa, size)
+            current = int.from_bytes(super().read(GPA64, 8), "little")
+            super().write(GPA64, ((current + 1) | 0x20).to_bytes(8, "little"))  # "A bit" races
+            return data
+
+    memory = RacingMemory()
+    handler = PtWriteHandler(memory, "4level", max_commit_attempts=3)
+    vcpu = Vcpu()
+    vcpu.begin_exit()
+    result = handler.handle_ept_write(vcpu, WriteEvent(
+        GPA64, GLA64, {"rip": RIP64, "rdi": GLA64, "rsi": 0x1234}, bytes.fromhex("488937"), 64))
+    assert result.status is Status.CONTENDED
+    assert handler.pending() == ()
+    assert not vcpu.pt_emu_buffer.valid
+    assert int.from_bytes(InMemoryGuestMemory.read(memory, GPA64, 8), "little") != 0x1234
+
+
+def test_commit_retries_after_the_cpu_sets_the_accessed_bit(make_guest):
+    # The first compare fails (the entry gained its A bit); the retry emulates
+    # against the new value, so an AND keeps the A bit the CPU set.
+    from ptemu.handler import PtWriteHandler, WriteEvent
+    from ptemu.memory import InMemoryGuestMemory
+    from ptemu.vcpu import Vcpu
+
+    class OneRace(InMemoryGuestMemory):
+        raced = False
+
+        def compare_and_store(self, gpa, expected, new):
+            if not self.raced:
+                self.raced = True
+                self.write(GPA64, (0x12345007 | 0x20).to_bytes(8, "little"))
+            return super().compare_and_store(gpa, expected, new)
+
+    memory = OneRace([(GPA64, (0x12345007).to_bytes(8, "little"))])
+    handler = PtWriteHandler(memory, "4level")
+    vcpu = Vcpu()
+    vcpu.begin_exit()
+    result = handler.handle_ept_write(vcpu, WriteEvent(
+        GPA64, GLA64, {"rip": RIP64, "rdi": GLA64}, bytes.fromhex("f08027fd"), 64))
+    assert result.status is Status.EMULATED
+    assert int.from_bytes(memory.read(GPA64, 8), "little") == 0x12345025
+    assert result.entries[0].old == 0x12345027 and result.entries[0].new == 0x12345025
