@@ -3,7 +3,7 @@ and an event that is not emulated changes nothing."""
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ptemu.handler import PtWriteHandler, WriteEvent
@@ -21,7 +21,11 @@ HEADS = [b"", b"\x88", b"\x89", b"\x48\x89", b"\xc6", b"\xc7", b"\x48\xc7", b"\x
          b"\x83", b"\xf0\x48\x09", b"\x21", b"\x31", b"\x0f\xab", b"\xf0\x0f\xb3", b"\x0f\xbb",
          b"\x0f\xba", b"\xaa", b"\xab", b"\xf3\xab", b"\xf3\x48\xab", b"\x66", b"\x67", b"\x64",
          b"\x65", b"\xf0", b"\x0f\x11", b"\x66\x0f\x7f", b"\xc5\xfe\x7f", b"\x48\x0f\xc7",
-         b"\xf0\x48\x0f\xc1", b"\xfe", b"\xff", b"\xf6", b"\xf7", b"\x0f\xc3", b"\xf3\xa5"]
+         b"\xf0\x48\x0f\xc1", b"\xfe", b"\xff", b"\xf6", b"\xf7", b"\x0f\xc3", b"\xf3\xa5",
+         # complete [rdi]/[edi] forms, so that a good share of cases store
+         b"\x48\x89\x37", b"\x89\x37", b"\x88\x07", b"\xf0\x48\x0f\xb1\x37", b"\x48\x87\x37",
+         b"\xf0\x80\x27", b"\x48\xab", b"\xf3\x48\xab", b"\xf3\xaa", b"\xf0\x0f\xc7\x0f",
+         b"\xf0\x48\x0f\xab\x37", b"\x48\x0f\xba\x37"]
 
 registers = st.fixed_dictionaries(
     {"rip": st.sampled_from([0xFFFFFFFF81001234, 0xC1001234, 0x1234, 0xFFFFFFFF81000FFE])},
@@ -57,11 +61,12 @@ def test_never_raises_and_refusals_change_nothing(head, tail, regs, offset, code
     memory_before = memory.copy()
     state_before = handler.write_state.snapshot()
     regs_before = dict(regs)
-    gla = (regs.get("rdi", PAGE_GLA + offset) if offset % 3 == 0 else PAGE_GLA + offset)
+    gla = (regs.get("rdi", PAGE_GLA + offset) if offset % 3 else PAGE_GLA + offset)
     gpa = PAGE_GPA + (gla & 0xFFF)
     vcpu.begin_exit()
     result = handler.handle_ept_write(vcpu, WriteEvent(gpa, gla, regs, head + tail, code_bits))
     assert isinstance(result.status, Status)
+    event(f"status {result.status.value}")
     assert regs == regs_before  # the caller's registers are never mutated
     if result.status is not Status.EMULATED:
         assert memory == memory_before
