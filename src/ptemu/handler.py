@@ -287,7 +287,14 @@ class PtWriteHandler:
             return _Refused(Status.FAULT, f"'{store.text}' raises {run.fault}", fault=run.fault)
         if run.refusal is not None:
             return _Refused(Status.UNSUPPORTED, f"'{store.text}': {run.refusal}")
-        return run.pages[0], run.registers
+        registers = run.registers
+        if store.rep and registers["rip"] == register_value(regs, "rip") and \
+                registers["rcx"] & mask_bits(store.destination.address_bits) == 0:
+            # The engine stops on the instruction after its last iteration; the
+            # CPU has moved past it once the count is exhausted.
+            width = 64 if store.code_bits == 64 else 32
+            registers["rip"] = (registers["rip"] + store.length) & mask_bits(width)
+        return run.pages[0], registers
 
     @staticmethod
     def _register_store(store: DecodedStore, regs: Mapping[str, int],
@@ -358,7 +365,7 @@ class PtWriteHandler:
         writes = tuple(record for item in done for record in item.writes)
         final = done[-1].registers
         changed = {name: final[name] for name in _CHANGED_REGISTERS
-                   if final.get(name, 0) != register_value(event.regs, name)}
+                   if name in final and final[name] != register_value(event.regs, name)}
         # Strict duplicates need "same GPA, same registers": a hash is enough,
         # since a duplicate must also find memory already holding its bytes.
         fingerprint = hash((event.gpa, frozenset(event.regs.items())))
