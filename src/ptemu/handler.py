@@ -32,12 +32,18 @@ from typing import Any
 
 from ptemu.decoder.capstone_adapter import CapstoneDecoder, DecodeRefusal
 from ptemu.decoder.families import Access
-from ptemu.decoder.model import SUB_REGISTERS, DecodedStore, destination_address
+from ptemu.decoder.model import (
+    SUB_REGISTERS,
+    DecodedStore,
+    destination_address,
+    linear_address,
+)
 from ptemu.emulator import UnicornEmulator
 from ptemu.errors import UsageError
 from ptemu.memory import GuestMemory
 from ptemu.paging.classify import classify
 from ptemu.paging.modes import PagingMode, paging_mode
+from ptemu.paging.walk import walk
 from ptemu.registers import register_value
 from ptemu.results import EntryResult, EventResult, WriteRecord
 from ptemu.status import EntryState, Policy, Status
@@ -53,6 +59,8 @@ DEFAULT_MAX_COMMIT_ATTEMPTS = 16
 _CHANGED_REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9",
                       "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 _DF = 1 << 10
+_CR4_PSE = 1 << 4
+_EFER_NXE = 1 << 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +213,14 @@ class PtWriteHandler:
         span = self._written_span(store, regs, address)
         if isinstance(span, _Refused):
             return span
+        source_pages: list[tuple[int, bytes]] = []
+        if store.source is not None:
+            source = self._read_source(store, regs, rip, span[2], page_base(gla))
+            if isinstance(source, _Refused):
+                return source
+            source_pages, iterations = source
+            span = self._written_span(store, regs, address, limit=iterations)
+            assert not isinstance(span, _Refused)
         low, high, iterations = span
         page_gla = page_base(gla)
         page_gpa = page_base(gpa)
@@ -214,9 +230,6 @@ class PtWriteHandler:
         entry_low = low_offset - low_offset % self.entry_size
         entry_high = -(-high_offset // self.entry_size) * self.entry_size
         data_pages: list[tuple[int, bytes]] = []
-        source_pages = self._source_pages(store, regs, iterations)
-        if isinstance(source_pages, _Refused):
-            return source_pages
         for _attempt in range(self.max_commit_attempts):
             snapshot = self.memory.read(page_gpa, PAGE_SIZE)
             data_pages = [(page_gla, snapshot), *source_pages]
@@ -240,9 +253,9 @@ class PtWriteHandler:
         return _Emulated(store, rip, registers, writes, entries_after)
 
     def _written_span(self, store: DecodedStore, regs: Mapping[str, int],
-                      address: int) -> tuple[int, int, int] | _Refused:
+                      address: int, limit: int | None = None) -> tuple[int, int, int] | _Refused:
         """Linear [low, high) the instruction writes in the faulting page, and
-        the REP iterations that stay inside it (1 when not REP)."""
+        the REP iterations that stay inside it (1 when not REP), at most `limit`."""
         size = store.access_size
         page = page_base(address)
         if page_base(address + size - 1) != page:
@@ -255,6 +268,8 @@ class PtWriteHandler:
         count = register_value(regs, "rcx") & mask_bits(store.destination.address_bits)
         if count == 0:
             return _Refused(Status.REJECTED, f"'{store.text}' with a zero count writes nothing")
+        if limit is not None:
+            count = min(count, limit)
         downwards = bool(register_value(regs, "rflags") & _DF)
         if downwards:
             iterations = min(count, (address - page) // size + 1)
@@ -262,12 +277,63 @@ class PtWriteHandler:
         iterations = min(count, (page + PAGE_SIZE - address) // size)
         return address, address + iterations * size, iterations
 
-    def _source_pages(self, store: DecodedStore, regs: Mapping[str, int],
-                      iterations: int) -> list[tuple[int, bytes]] | _Refused:
-        """The pages MOVS reads, through the guest's own page tables."""
-        if store.source is None:
-            return []
-        return _Refused(Status.UNSUPPORTED, f"'{store.text}': MOVS sources are not read yet")
+    def _read_source(self, store: DecodedStore, regs: Mapping[str, int], rip: int,
+                     iterations: int, destination_page: int,
+                     ) -> tuple[list[tuple[int, bytes]], int] | _Refused:
+        """The guest pages MOVS reads, found through the guest's own page
+        tables (CR3 in the registers), and the iterations they allow.
+
+        Iterations stop where the source stops translating, as they stop at
+        the destination page's end: the guest re-executes the rest.
+        """
+        assert store.source is not None
+        width = 64 if store.code_bits == 64 else 32
+        next_rip = (rip + store.length) & mask_bits(width)
+        first = linear_address(store.source, regs, store.code_bits, next_rip)
+        size = store.access_size
+        downwards = bool(register_value(regs, "rflags") & _DF) and store.rep
+        step = -size if downwards else size
+        if destination_page in (page_base(first), page_base(first + size - 1)):
+            return _Refused(Status.UNSUPPORTED,
+                            f"'{store.text}' copies within the page it writes")
+        pages: dict[int, bytes] = {}
+        allowed = 0
+        while allowed < iterations and self._map_source(
+                pages, (first + allowed * step) & mask_bits(width), size, destination_page, regs):
+            allowed += 1
+        if allowed == 0:
+            return _Refused(Status.UNSUPPORTED, (
+                f"'{store.text}': its source at {first:#x} does not translate through "
+                f"CR3 {register_value(regs, 'cr3'):#x}"))
+        return list(pages.items()), allowed
+
+    def _map_source(self, pages: dict[int, bytes], start: int, size: int,
+                    destination_page: int, regs: Mapping[str, int]) -> bool:
+        """Add the pages one source read touches to `pages`; False if it cannot."""
+        for page in (page_base(start), page_base(start + size - 1)):
+            if page in pages:
+                continue
+            if page == destination_page or len(pages) == 2:
+                return False
+            contents = self._read_linear_page(page, regs)
+            if contents is None:
+                return False
+            pages[page] = contents
+        return True
+
+    def _read_linear_page(self, page_gla: int, regs: Mapping[str, int]) -> bytes | None:
+        """The 4 KiB at linear `page_gla`, through the guest's page tables."""
+        cr4 = register_value(regs, "cr4")
+        efer = register_value(regs, "efer")
+        try:
+            translation = walk(self.mode, register_value(regs, "cr3"), page_gla, self.memory,
+                               pse=bool(cr4 & _CR4_PSE) or "cr4" not in regs,
+                               nxe=bool(efer & _EFER_NXE) or "efer" not in regs)
+        except UsageError:
+            return None
+        if translation.gpa is None:
+            return None
+        return self.memory.read(page_base(translation.gpa), PAGE_SIZE)
 
     def _run(self, store: DecodedStore, code: bytes, regs: Mapping[str, int],
              data_pages: list[tuple[int, bytes]], iterations: int,
