@@ -25,7 +25,7 @@ import unicorn
 from unicorn import x86_const as ux
 from unicorn.unicorn_py3.unicorn import uclib
 
-from ptemu.registers import GENERAL_REGISTERS, register_value
+from ptemu.registers import GENERAL_REGISTERS, RFLAGS_RESERVED_ONE, SEGMENT_BASES, register_value
 from ptemu.values import PAGE_SIZE, mask_bits, page_base
 
 ENGINE_CODE_PAGES = 2
@@ -45,6 +45,7 @@ FAULT_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 5: "#BR", 6: "#UD", 7: "#NM", 12: "
                13: "#GP(0)", 14: "#PF", 16: "#MF", 17: "#AC(0)", 19: "#XM"}
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss")
+_SEGMENT_BASES = SEGMENT_BASES
 _SELECTOR_IDS = {name: getattr(ux, f"UC_X86_REG_{name.upper()}") for name in _SEGMENTS}
 _GPR64_IDS = {name: getattr(ux, f"UC_X86_REG_{name.upper()}") for name in GENERAL_REGISTERS}
 _GPR32_IDS = {name: getattr(ux, f"UC_X86_REG_E{name[1:].upper()}")
@@ -59,8 +60,8 @@ class EmulationRun:
     registers: dict[str, int]
     """General registers, ``rip`` and ``rflags`` after the run (full guest
     widths: in 16/32-bit code the high halves are the guest's own)."""
-    pages: tuple[bytes, ...]
-    """The data pages after the run, in the order they were given."""
+    page: bytes
+    """The first data page (the one the instruction writes) after the run."""
     fault: str | None = None
     """The exception the instruction raised instead of completing, if any."""
     refusal: str | None = None
@@ -100,11 +101,11 @@ class _RegisterBlock:
             raise unicorn.UcError(status)
 
     def read(self) -> list[int]:
-        self.values[:] = [0] * self._count  # 32-bit registers fill only the low half
+        ctypes.memset(self.values, 0, 8 * self._count)  # 32-bit registers fill the low half
         status = uclib.uc_reg_read_batch(self._uc._uch, self._ids, self._pointers, self._count)
         if status != unicorn.UC_ERR_OK:
             raise unicorn.UcError(status)
-        return list(self.values)
+        return self.values[:]
 
 
 class _Engine:
@@ -125,6 +126,10 @@ class _Engine:
         self.translations: dict[int, int] = {}
         self.fault_vector: int | None = None
         self.code_placed: tuple[int, bytes] | None = None
+        self.data_contents: list[bytes | None] = [None] * MAX_DATA_PAGES
+        """What each engine data page holds now, to skip rewriting it."""
+        self.segments: tuple[int, ...] | None = None
+        """Code size, GDT page and segment bases last loaded (16/32-bit engine)."""
         self.uc.hook_add(unicorn.UC_HOOK_TLB_FILL, self._fill_tlb)
         self.uc.hook_add(unicorn.UC_HOOK_INTR, self._record_interrupt)
 
@@ -161,59 +166,65 @@ class UnicornEmulator:
         """Execute `steps` instruction steps (one REP iteration each) of `code`.
 
         `data_pages` are ``(linear page address, 4 KiB contents)``: the only
-        memory the instruction may touch besides its code. `registers` are the
-        guest's before the instruction; `vector_registers` the xmm registers
-        it reads.
+        memory the instruction may touch besides its code; the first is the
+        page it writes. `registers` are the guest's before the instruction;
+        `vector_registers` the xmm registers it reads.
         """
         if len(data_pages) > MAX_DATA_PAGES:
             raise ValueError(f"at most {MAX_DATA_PAGES} data pages per run")
         engine = self._engine(code_bits)
         uc = engine.uc
+        get = registers.get
         width = 64 if code_bits == 64 else 32
-        rip = register_value(registers, "rip") & mask_bits(width)
-        code_linear = rip
-        if code_bits != 64:
-            code_linear = (rip + register_value(registers, "cs_base")) & mask_bits(32)
+        low_mask = mask_bits(width)
+        rip = get("rip", 0) & low_mask
+        code_linear = rip if code_bits == 64 else (rip + get("cs_base", 0)) & low_mask
         code_page = page_base(code_linear)
-        translations = {code_page: 0,
-                        (code_page + PAGE_SIZE) & mask_bits(width): PAGE_SIZE}
+        translations = {code_page: 0, (code_page + PAGE_SIZE) & low_mask: PAGE_SIZE}
         for number, (linear_page, _) in enumerate(data_pages):
             # A data page may be the page after the code's (an instruction
             # that crosses into it is not one that writes it), not the code's own.
             if linear_page == code_page:
-                return EmulationRun(dict(registers), tuple(p for _, p in data_pages),
+                return EmulationRun({}, data_pages[0][1],
                                     refusal="the instruction's code lies on a monitored page")
             translations[linear_page] = ENGINE_DATA_BASE + number * PAGE_SIZE
 
-        start = code_linear - code_page
         placed = (code_linear, code)
         if engine.code_placed != placed:
             # New code where translated blocks of older code may be cached:
             # rewrite the window and drop every block translated from it.
+            start = code_linear - code_page
             window = bytearray(ENGINE_CODE_PAGES * PAGE_SIZE)
             window[start:start + len(code)] = code[:len(window) - start]
             uc.mem_write(0, bytes(window))
             uc.ctl_flush_tb()
             engine.code_placed = placed
         for number, (_, contents) in enumerate(data_pages):
-            uc.mem_write(ENGINE_DATA_BASE + number * PAGE_SIZE, contents)
+            if engine.data_contents[number] != contents:
+                uc.mem_write(ENGINE_DATA_BASE + number * PAGE_SIZE, contents)
+                engine.data_contents[number] = contents
 
+        gdt_linear = 0
         if code_bits != 64:
             gdt_linear = self._free_page(translations, width)
             translations[gdt_linear] = ENGINE_GDT
-        engine.translations = translations
+        if translations != engine.translations:
+            engine.translations = translations
+            uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
         engine.fault_vector = None
-        uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
 
-        guest_flags = register_value(registers, "rflags")
-        values = [register_value(registers, name) & mask_bits(width) for name in engine.gpr_names]
-        values.append((guest_flags & ENGINE_FLAGS) | 0x2)
+        guest_flags = get("rflags", RFLAGS_RESERVED_ONE)
+        values = [get(name, 0) & low_mask for name in engine.gpr_names]
+        values.append((guest_flags & ENGINE_FLAGS) | RFLAGS_RESERVED_ONE)
         values.append(rip)
         if code_bits == 64:
-            values.append(register_value(registers, "fs_base"))
-            values.append(register_value(registers, "gs_base"))
+            values.append(get("fs_base", 0))
+            values.append(get("gs_base", 0))
         else:
-            self._load_segments(uc, registers, code_bits, gdt_linear)
+            segments = (code_bits, gdt_linear, *(get(base, 0) for base in _SEGMENT_BASES))
+            if engine.segments != segments:
+                self._load_segments(uc, registers, code_bits, gdt_linear)
+                engine.segments = segments
         engine.state_in.write(values)
         for name in vector_registers:
             uc.reg_write(_XMM_IDS[name], register_value(registers, name))
@@ -237,19 +248,19 @@ class UnicornEmulator:
             # next fault would be reported as #DF): start the next run afresh.
             del self._engines[64 if code_bits == 64 else 32]
 
-        after = dict(registers)
         *gpr_values, flags, rip_after = engine.state_out.read()
-        for name, value in zip(engine.gpr_names, gpr_values):
-            if width == 32:
-                value |= register_value(registers, name) & ~mask_bits(32)
-            after[name] = value
         if width == 32:
-            rip_after |= rip & ~mask_bits(32)
+            high = ~low_mask
+            after = {name: value | (get(name, 0) & high)
+                     for name, value in zip(engine.gpr_names, gpr_values)}
+            rip_after |= rip & high
+        else:
+            after = dict(zip(engine.gpr_names, gpr_values))
         after["rip"] = rip_after
         after["rflags"] = (guest_flags & ~ENGINE_FLAGS) | (flags & ENGINE_FLAGS) | 0x2
-        pages = tuple(bytes(uc.mem_read(ENGINE_DATA_BASE + number * PAGE_SIZE, PAGE_SIZE))
-                      for number in range(len(data_pages)))
-        return EmulationRun(after, pages, fault=fault, refusal=refusal)
+        page = bytes(uc.mem_read(ENGINE_DATA_BASE, PAGE_SIZE))
+        engine.data_contents[0] = page
+        return EmulationRun(after, page, fault=fault, refusal=refusal)
 
     @staticmethod
     def _free_page(translations: Mapping[int, int], width: int) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ptemu.decoder.capstone_adapter import CapstoneDecoder, DecodeRefusal
 from ptemu.decoder.families import Access
@@ -41,7 +40,6 @@ from ptemu.decoder.model import (
 from ptemu.emulator import UnicornEmulator
 from ptemu.errors import UsageError
 from ptemu.memory import GuestMemory
-from ptemu.paging.classify import classify
 from ptemu.paging.modes import PagingMode, paging_mode
 from ptemu.paging.walk import walk
 from ptemu.registers import register_value
@@ -360,7 +358,7 @@ class PtWriteHandler:
             # CPU has moved past it once the count is exhausted.
             width = 64 if store.code_bits == 64 else 32
             registers["rip"] = (registers["rip"] + store.length) & mask_bits(width)
-        return run.pages[0], registers
+        return run.page, registers
 
     @staticmethod
     def _register_store(store: DecodedStore, regs: Mapping[str, int],
@@ -418,7 +416,7 @@ class PtWriteHandler:
             return None
         other_half_gpa = record.gpa + (4 - record.offset)
         other_half_gla = page_base(event.gla) + page_offset(other_half_gpa)
-        regs = first.registers
+        regs = {**event.regs, **first.registers}
         address = destination_address(decoded, regs, regs["rip"])
         if address != other_half_gla:
             return None
@@ -469,8 +467,7 @@ class PtWriteHandler:
 
     def _entry_result(self, entry_gpa: int, state: EntryState, old: int | None,
                       new: int | None) -> EntryResult:
-        if state is not EntryState.COMPLETE or old is None or new is None:
+        if state is not EntryState.COMPLETE:
             return EntryResult(entry_gpa, state)
-        level = self.table_levels.get(page_base(entry_gpa))
-        change: Any = classify(self.mode, level, old, new)
-        return EntryResult(entry_gpa, state, old, new, change)
+        return EntryResult(entry_gpa, state, old, new, mode=self.mode,
+                           level=self.table_levels.get(page_base(entry_gpa)))

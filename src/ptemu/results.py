@@ -15,6 +15,7 @@ from ptemu.status import EntryState, Status
 
 if TYPE_CHECKING:
     from ptemu.paging.classify import Classification
+    from ptemu.paging.modes import PagingMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +49,24 @@ class EntryResult:
     """Entry value before its first pending write (`COMPLETE` only)."""
     new: int | None = None
     """Entry value now (`COMPLETE` only)."""
-    change: Classification | None = None
-    """What the completed write changed (`COMPLETE` only)."""
+    mode: PagingMode | None = field(default=None, repr=False, compare=False)
+    """The paging mode the entry belongs to (what `change` reads it with)."""
+    level: int | None = field(default=None, repr=False, compare=False)
+    """The entry's level (1 = PTE) when the handler knows it."""
+
+    @property
+    def change(self) -> Classification | None:
+        """What the completed write changed (`COMPLETE` only).
+
+        Computed when asked: most callers of a busy handler only need the
+        values, and classifying costs more than emulating a MOV.
+        """
+        if self.state is not EntryState.COMPLETE or self.mode is None \
+                or self.old is None or self.new is None:
+            return None
+        from ptemu.paging.classify import classify
+
+        return classify(self.mode, self.level, self.old, self.new)
 
 
 @dataclass(frozen=True, slots=True)
