@@ -42,7 +42,7 @@ from ptemu.errors import UsageError
 from ptemu.memory import GuestMemory
 from ptemu.paging.modes import PagingMode, paging_mode
 from ptemu.paging.walk import walk
-from ptemu.registers import register_value
+from ptemu.registers import REGISTER_NAMES, register_value
 from ptemu.results import EntryResult, EventResult, WriteRecord
 from ptemu.status import EntryState, Policy, Status
 from ptemu.values import PAGE_SIZE, mask_bits, page_base, page_offset
@@ -127,6 +127,7 @@ class PtWriteHandler:
         self.table_levels = dict(table_levels or {})
         self.write_state = WriteStateTable()
         self._guest_is_32bit = self.mode.name in ("legacy", "pae")
+        self._code_sizes = (16, 32) if self._guest_is_32bit else (16, 32, 64)
         self._decoder = CapstoneDecoder()
         self._emulator = UnicornEmulator()
         self._decode_cache: OrderedDict[tuple[int, bytes], DecodedStore | DecodeRefusal] = (
@@ -137,8 +138,13 @@ class PtWriteHandler:
 
     def handle_ept_write(self, vcpu: Vcpu, event: WriteEvent) -> EventResult:
         """Emulate the write behind one EPT violation; see the module docstring."""
-        if event.code_bits not in (16, 32, 64):
-            raise UsageError(f"code_bits must be 16, 32 or 64, not {event.code_bits!r}")
+        if event.code_bits not in self._code_sizes:
+            raise UsageError(f"code_bits {event.code_bits!r} is not possible in "
+                             f"{self.mode.name} paging (expected one of {self._code_sizes})")
+        if not event.regs.keys() <= REGISTER_NAMES or "rip" not in event.regs:
+            unknown = sorted(set(event.regs) - REGISTER_NAMES)
+            raise UsageError(f"unknown register names {unknown}" if unknown
+                             else "registers: 'rip' is required")
         buffer = vcpu.pt_emu_buffer
         if buffer.valid:
             return EventResult(Status.ALREADY_INITIALIZED,

@@ -117,3 +117,21 @@ def test_commit_retries_after_the_cpu_sets_the_accessed_bit(make_guest):
     assert result.status is Status.EMULATED
     assert int.from_bytes(memory.read(GPA64, 8), "little") == 0x12345025
     assert result.entries[0].old == 0x12345027 and result.entries[0].new == 0x12345025
+
+
+def test_caller_errors_raise_with_a_clear_message(make_guest):
+    import pytest
+
+    from ptemu.errors import UsageError
+
+    guest = make_guest("pae")
+    with pytest.raises(UsageError, match="code_bits 64"):
+        guest.write("89 10", {"rip": 0x1000}, 0x1000, 0x1000, code_bits=64)
+    with pytest.raises(UsageError, match="'rdx_'"):
+        guest.write("89 10", {"rip": 0x1000, "rdx_": 1}, 0x1000, 0x1000, code_bits=32)
+    with pytest.raises(UsageError, match="rip"):
+        guest.write("89 10", {"rax": 0x1000}, 0x1000, 0x1000, code_bits=32)
+    with pytest.raises(UsageError, match="policy"):
+        make_guest("4level", policy="lenient")
+    with pytest.raises(UsageError):
+        make_guest("6level")
