@@ -12,7 +12,7 @@ LAYERS = {
     "errors": 0, "status": 0, "values": 0, "registers": 0, "memory": 0,
     "paging": 1, "writestate": 1, "results": 1,
     "decoder.families": 2, "decoder.model": 2,
-    "decoder.capstone_adapter": 3, "emulator": 3,
+    "decoder.capstone_adapter": 3, "emulator": 3, "fastpath": 3, "bench": 5,
     "vcpu": 4, "handler": 4,
     "fixtures": 5, "capture": 5, "kvm": 5,
     "cli": 6, "__main__": 6, "__init__": 6, "decoder": 2,

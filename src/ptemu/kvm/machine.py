@@ -1,0 +1,186 @@
+"""A KVM guest ready to run: VM, memslots, loaded image, vCPU in its paging mode.
+
+`GuestMachine` turns a `GuestLayout` and a `GuestProgram` into a VM whose
+vCPU starts at the program's first instruction, already in protected or long
+mode with paging on. The monitored pages get their own memslot, read-only in
+a monitored run (every guest write to them exits as KVM_EXIT_MMIO) or
+writable in an unmonitored one (the CPU writes them directly).
+
+`KvmGuestMemory` is the `ptemu.memory.GuestMemory` the handler commits
+through: plain reads and writes of the memslots' backing memory. Its
+compare-and-store is atomic because the single vCPU is stopped in user space
+whenever the handler runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Self
+
+from ptemu.errors import UsageError
+from ptemu.kvm.device import GuestRegion, KvmSystem, KvmUnavailable, VcpuHandle, Vm
+from ptemu.kvm.layout import (
+    CR0_PG,
+    CR4_LA57,
+    PAGE,
+    GuestLayout,
+    build_gdt,
+    build_sregs,
+    build_tables,
+)
+from ptemu.kvm.programs import GuestProgram
+from ptemu.memory import InMemoryGuestMemory
+from ptemu.paging.modes import ModeName
+
+RAM_SLOT = 0
+MONITORED_SLOT = 1
+RFLAGS_RESERVED = 0x2
+
+
+class KvmGuestMemory:
+    """Guest-physical memory of a `Vm`, as the handler's `GuestMemory`.
+
+    Bytes outside every memslot read as zero and cannot be written.
+    """
+
+    def __init__(self, vm: Vm) -> None:
+        self._regions = tuple(vm.regions.values())
+
+    def _region(self, gpa: int, size: int) -> GuestRegion | None:
+        for region in self._regions:
+            if region.contains(gpa, size):
+                return region
+        return None
+
+    def read(self, gpa: int, size: int) -> bytes:
+        region = self._region(gpa, size)
+        if region is None:
+            out = bytearray(size)
+            for index in range(size):  # straddles slots or reads unbacked bytes
+                one = self._region(gpa + index, 1)
+                if one is not None:
+                    out[index] = one.buffer[gpa + index - one.gpa]
+            return bytes(out)
+        start = gpa - region.gpa
+        return region.buffer[start:start + size]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        region = self._region(gpa, len(data))
+        if region is None:
+            raise ValueError(f"write of {len(data)} bytes at {gpa:#x}: no memslot holds it")
+        start = gpa - region.gpa
+        region.buffer[start:start + len(data)] = data
+
+    def compare_and_store(self, gpa: int, expected: bytes, new: bytes) -> bool:
+        if len(expected) != len(new):
+            raise ValueError("compare_and_store: expected and new differ in length")
+        if self.read(gpa, len(expected)) != expected:
+            return False
+        self.write(gpa, new)
+        return True
+
+
+def guest_image(layout: GuestLayout, program: GuestProgram) -> tuple[InMemoryGuestMemory, int]:
+    """Everything the guest finds in memory at its first instruction, and CR3."""
+    image = InMemoryGuestMemory()
+    build_gdt(layout, image)
+    extra: dict[int, int] = {}
+    for index, (gla, content) in enumerate(sorted(program.pages.items())):
+        gpa = layout.pages_gpa + index * PAGE
+        if gla % PAGE or len(content) > PAGE or gpa + PAGE > layout.ram_size:
+            raise UsageError(f"extra page {gla:#x}: not a page, or too many pages")
+        extra[gla] = gpa
+        image.write(gpa, content)
+    cr3 = build_tables(layout, image, len(program.code), extra)
+    image.write(layout.code_gpa, program.code)
+    if program.data:
+        image.write(layout.data_gpa, program.data)
+    if program.heap:
+        if layout.heap_gpa + len(program.heap) > layout.pages_gpa:
+            raise UsageError(f"the program's table of {len(program.heap)} bytes does not fit "
+                             "guest memory: use fewer iterations")
+        image.write(layout.heap_gpa, program.heap)
+    if len(program.monitored) > layout.monitored_size:
+        raise UsageError("the program's monitored content is larger than the monitored pages")
+    image.write(layout.monitored_gpa, program.monitored.ljust(layout.monitored_size, b"\0"))
+    return image, cr3
+
+
+class GuestMachine:
+    """One VM with one vCPU running `program` in `layout`'s mode.
+
+    Raises `KvmUnavailable` when this host's KVM cannot run the mode (no
+    LA57 for 5-level paging; a KVM that refuses CR0.PG outside long mode).
+    """
+
+    def __init__(self, system: KvmSystem, layout: GuestLayout, program: GuestProgram, *,
+                 monitored: bool) -> None:
+        if layout.mode.name is ModeName.LEVEL5 and not system.has_la57():
+            raise KvmUnavailable("5-level paging needs LA57, and this host's KVM does not offer "
+                                 "it (CPUID.(EAX=07H,ECX=0):ECX[16] = 0)")
+        self.layout = layout
+        self.program = program
+        self.monitored = monitored
+        self.vm = system.create_vm()
+        try:
+            self.ram = self.vm.add_memory(RAM_SLOT, 0, layout.ram_size)
+            self.monitored_region = self.vm.add_memory(
+                MONITORED_SLOT, layout.monitored_gpa, layout.monitored_size, readonly=monitored)
+            image, self.cr3 = guest_image(layout, program)
+            self.memory = KvmGuestMemory(self.vm)
+            for page in image.pages():
+                self.memory.write(page, image.read(page, PAGE))
+            self.vcpu: VcpuHandle = self.vm.create_vcpu()
+            self._enter_mode()
+        except BaseException:
+            self.vm.close()
+            raise
+
+    def _enter_mode(self) -> None:
+        sregs = self.vcpu.get_sregs()
+        build_sregs(self.layout, self.cr3, sregs)
+        self.vcpu.set_sregs(sregs)
+        loaded = self.vcpu.get_sregs()
+        if not loaded.cr0 & CR0_PG or (loaded.cr4 & CR4_LA57) != (sregs.cr4 & CR4_LA57):
+            raise KvmUnavailable(
+                f"this host's KVM does not run {self.layout.mode.name} paging: it kept "
+                f"CR0={loaded.cr0:#x} CR4={loaded.cr4:#x} EFER={loaded.efer:#x} of the requested "
+                f"CR0={sregs.cr0:#x} CR4={sregs.cr4:#x} EFER={sregs.efer:#x}"
+                + _backend_hint())
+        registers = dict(self.program.registers)
+        registers.update(rip=self.layout.text, rsp=self.layout.gla_of(self.layout.stack_top_gpa),
+                         rflags=RFLAGS_RESERVED)
+        self.vcpu.set_regs(registers)
+
+    def monitored_bytes(self) -> bytes:
+        """The monitored pages as they are now."""
+        return self.memory.read(self.layout.monitored_gpa, self.layout.monitored_size)
+
+    def close(self) -> None:
+        self.vm.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+KVM_BACKENDS = ("kvm_intel", "kvm_amd", "kvm_pvm")
+"""KVM vendor modules: VMX, SVM, and PVM (software virtualization, long mode only)."""
+
+
+def kvm_backend() -> str | None:
+    """The KVM vendor module of this host (built in or loaded), from /sys/module."""
+    for name in KVM_BACKENDS:
+        if os.path.isdir(f"/sys/module/{name}"):
+            return name
+    return None
+
+
+def _backend_hint() -> str:
+    backend = kvm_backend()
+    if backend == "kvm_pvm":
+        return (" (the host runs kvm_pvm, a KVM without hardware virtualization that supports "
+                "paging only in long mode)")
+    return f" (KVM backend: {backend})" if backend else ""

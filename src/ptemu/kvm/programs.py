@@ -1,0 +1,265 @@
+"""Guest programs the KVM runner executes: what runs, with which registers.
+
+`stress_program` is a loop that writes the monitored page tables with every
+instruction family the handler emulates (MOV register and immediate of 1, 2,
+4 and 8 bytes, XCHG, CMPXCHG that matches and that does not, CMPXCHG8B both
+ways, LOCK AND/OR/XOR, BTS/BTR/BTC with an immediate and with a register bit
+offset, STOS of every size), at entries and with values drawn from an
+xorshift generator the guest runs itself, so every iteration writes other
+entries with other values.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ptemu.errors import UsageError
+from ptemu.kvm.asm import (
+    R12,
+    R13,
+    R14,
+    R15,
+    RAX,
+    RBP,
+    RBX,
+    RCX,
+    RDI,
+    RDX,
+    RSI,
+    Assembler,
+)
+from ptemu.kvm.layout import GuestLayout
+
+BLOCK = 0x80
+"""Bytes of page table one iteration writes (16 entries of 8 bytes, 32 of 4)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestProgram:
+    """Code and initial state of one guest run."""
+
+    name: str
+    code: bytes
+    """Loaded at `GuestLayout.code_gpa`, executed from `GuestLayout.text`."""
+    registers: Mapping[str, int] = field(default_factory=dict)
+    """Initial general registers besides RIP, RSP and RFLAGS (which the runner sets)."""
+    data: bytes = b""
+    """Placed at `GuestLayout.data_gpa` (reached by the guest through the direct map)."""
+    monitored: bytes = b""
+    """Initial content of the monitored pages (zero-padded)."""
+    writes_per_iteration: int = 0
+    """Page-table writes one loop iteration makes (for reports)."""
+    pages: Mapping[int, bytes] = field(default_factory=dict)
+    """Extra 4 KiB pages mapped at their GLA (page-aligned keys): code linked at
+    its own address (kernel functions) and the data it reads."""
+    heap: bytes = b""
+    """Placed at `GuestLayout.heap_gpa` (reached through the direct map)."""
+    description: str = ""
+    """What the program runs, in words (for reports)."""
+
+
+def initial_entries(layout: GuestLayout, seed: int) -> bytes:
+    """Plausible PTEs for the monitored pages: present, RW, A, frames below 4 GiB."""
+    generator = random.Random(seed)
+    size = layout.mode.entry_size
+    count = layout.monitored_size // size
+    entries = []
+    for _ in range(count):
+        frame = generator.getrandbits(20) << 12
+        flags = generator.choice((0x63, 0x67, 0x23, 0x25, 0x0, 0x61))
+        entries.append((frame | flags).to_bytes(size, "little"))
+    return b"".join(entries)
+
+
+def _check(iterations: int, seed: int) -> None:
+    if not 1 <= iterations <= 10_000_000:
+        raise UsageError(f"iterations: {iterations} is not in 1..10000000")
+    if seed < 0:
+        raise UsageError(f"seed: {seed} is negative")
+
+
+def stress_program(layout: GuestLayout, iterations: int, seed: int = 1) -> GuestProgram:
+    """The all-families stress loop for `layout` (64-bit or 32-bit code)."""
+    _check(iterations, seed)
+    if layout.code_bits == 64:
+        return _stress64(layout, iterations, seed)
+    return _stress32(layout, iterations, seed)
+
+
+def _block_mask(layout: GuestLayout) -> int:
+    return (layout.monitored_size - 1) & ~(BLOCK - 1)
+
+
+def _stress64(layout: GuestLayout, iterations: int, seed: int) -> GuestProgram:
+    a = Assembler(64)
+    a.label("top")
+    # xorshift64 (Marsaglia 13/7/17) in r12; rsi = value, rdi = a 128-byte block.
+    for direction, count in (("shl", 13), ("shr", 7), ("shl", 17)):
+        a.mov_rr(RAX, R12, w=True)
+        a.shift(direction, RAX, count, w=True)
+        a.alu_rr("xor", R12, RAX, w=True)
+    a.mov_rr(RSI, R12, w=True)
+    a.mov_rr(RDI, R12, w=True)
+    a.shift("shr", RDI, 24, w=True)
+    a.alu_rr("and", RDI, R14, w=True)
+    a.alu_rr("add", RDI, R13, w=True)
+    # MOV from a register: 8, 4 (both halves, high first as PAE kernels do), 2, 1 bytes.
+    a.mov_store(8, RSI, RDI, 0x00)
+    a.mov_store(4, RSI, RDI, 0x0C)
+    a.mov_store(4, RSI, RDI, 0x08)
+    a.mov_store(2, RSI, RDI, 0x12)
+    a.mov_store(1, RSI, RDI, 0x17)
+    # MOV of an immediate: 8 (imm32 sign-extended), 4, 2, 1 bytes.
+    a.mov_store_imm(8, RDI, 0x18, 0x80000063)
+    a.mov_store_imm(4, RDI, 0x20, 0x00ABC067)
+    a.mov_store_imm(2, RDI, 0x26, 0x8000)
+    a.mov_store_imm(1, RDI, 0x28, 0x25)
+    a.shift("rol", RSI, 17, w=True)
+    a.xchg(8, RSI, RDI, 0x30)
+    # CMPXCHG whose compare matches, then one that cannot (RAX = ~entry).
+    a.load(RAX, RDI, 0x38, w=True)
+    a.cmpxchg(8, RSI, RDI, 0x38)
+    a.load(RAX, RDI, 0x40, w=True)
+    a.not_(RAX, w=True)
+    a.cmpxchg(8, RSI, RDI, 0x40)
+    # CMPXCHG8B: EDX:EAX = entry (match), then EDX inverted (mismatch); ECX:EBX = value.
+    a.load(RAX, RDI, 0x48)
+    a.load(RDX, RDI, 0x4C)
+    a.mov_rr(RBX, RSI, w=True)
+    a.mov_rr(RCX, RSI, w=True)
+    a.shift("shr", RCX, 32, w=True)
+    a.cmpxchg8b(RDI, 0x48)
+    a.load(RAX, RDI, 0x50)
+    a.load(RDX, RDI, 0x54)
+    a.not_(RDX)
+    a.cmpxchg8b(RDI, 0x50)
+    # LOCK AND/OR/XOR; a byte AND that clears RW as Linux's ptep_set_wrprotect does.
+    a.logic("and", 8, RSI, RDI, 0x58)
+    a.logic("or", 8, RSI, RDI, 0x60)
+    a.logic("xor", 4, RSI, RDI, 0x68)
+    a.logic_imm8("and", 1, RDI, 0x60, 0xFD)
+    # BTS/BTR/BTC with an immediate (NX, RW, a 32-bit operand) ...
+    a.bit_imm("bts", 8, RDI, 0x70, 63)
+    a.bit_imm("btr", 8, RDI, 0x70, 1)
+    a.bit_imm("btc", 4, RDI, 0x74, 5)
+    # ... and with a register bit offset inside the operand (0..63).
+    a.mov_rr(RAX, RSI, w=True)
+    a.alu_ri("and", RAX, 63, w=True)
+    a.bit_reg("bts", 8, RAX, RDI, 0x78)
+    a.alu_ri("xor", RAX, 5, w=True)
+    a.bit_reg("btc", 8, RAX, RDI, 0x78)
+    a.alu_ri("and", RAX, 31)
+    a.bit_reg("btr", 4, RAX, RDI, 0x7C)
+    # STOS of 8, 4, 2, 1 bytes from the block start (RDI advances each time).
+    a.mov_rr(RAX, RSI, w=True)
+    a.stos(8)
+    a.not_(RAX, w=True)
+    a.stos(4)
+    a.stos(2)
+    a.stos(1)
+    a.regreg(b"\xff", 1, R15, w=True)  # dec r15
+    a.jnz("top")
+    a.hlt()
+    registers = {
+        "r12": seed * 0x9E3779B97F4A7C15 % (1 << 64) or 1,
+        "r13": layout.monitored_gla,
+        "r14": _block_mask(layout),
+        "r15": iterations,
+    }
+    return GuestProgram(name=f"stress-{layout.mode.name}-64", code=a.assemble(),
+                        registers=registers, monitored=initial_entries(layout, seed),
+                        writes_per_iteration=28)
+
+
+def _xorshift32_step(a: Assembler, state_disp: int) -> None:
+    """eax = next xorshift32 (13/17/5) of the state at [ebp + state_disp]; stored back."""
+    a.load(RAX, RBP, state_disp)
+    for direction, count in (("shl", 13), ("shr", 17), ("shl", 5)):
+        a.mov_rr(RCX, RAX)
+        a.shift(direction, RCX, count)
+        a.alu_rr("xor", RAX, RCX)
+    a.store(RAX, RBP, state_disp)
+
+
+# Data area of the 32-bit program, addressed from EBP.
+_STATE_LOW, _STATE_HIGH, _COUNTER, _VALUE_HIGH = 0, 4, 8, 12
+
+
+def _stress32(layout: GuestLayout, iterations: int, seed: int) -> GuestProgram:
+    a = Assembler(32)
+    a.label("top")
+    _xorshift32_step(a, _STATE_HIGH)
+    a.store(RAX, RBP, _VALUE_HIGH)
+    _xorshift32_step(a, _STATE_LOW)
+    a.mov_rr(RSI, RAX)
+    a.mov_rr(RDI, RAX)
+    a.shift("shr", RDI, 8)
+    a.alu_ri("and", RDI, _block_mask(layout))
+    a.alu_ri("add", RDI, layout.monitored_gla)
+    # MOV from a register: 4 bytes; an 8-byte value as two halves, low first and
+    # then high first (how 32-bit PAE kernels write entries); 2 and 1 bytes.
+    a.mov_store(4, RSI, RDI, 0x00)
+    a.load(RAX, RBP, _VALUE_HIGH)
+    a.mov_store(4, RSI, RDI, 0x08)
+    a.mov_store(4, RAX, RDI, 0x0C)
+    a.mov_store(4, RAX, RDI, 0x14)
+    a.mov_store(4, RSI, RDI, 0x10)
+    a.mov_store(2, RSI, RDI, 0x1A)
+    a.mov_rr(RCX, RSI)
+    a.mov_store(1, RCX, RDI, 0x1F)
+    # MOV of an immediate: 4, 2, 1 bytes.
+    a.mov_store_imm(4, RDI, 0x20, 0x00ABC067)
+    a.mov_store_imm(2, RDI, 0x26, 0x8000)
+    a.mov_store_imm(1, RDI, 0x24, 0x25)
+    a.xchg(4, RSI, RDI, 0x28)
+    # CMPXCHG that matches, then one that cannot.
+    a.load(RAX, RDI, 0x2C)
+    a.cmpxchg(4, RSI, RDI, 0x2C)
+    a.load(RAX, RDI, 0x30)
+    a.not_(RAX)
+    a.cmpxchg(4, RSI, RDI, 0x30)
+    # CMPXCHG8B: EDX:EAX = the 8 bytes (match), then EAX inverted (mismatch).
+    a.load(RAX, RDI, 0x38)
+    a.load(RDX, RDI, 0x3C)
+    a.mov_rr(RBX, RSI)
+    a.load(RCX, RBP, _VALUE_HIGH)
+    a.cmpxchg8b(RDI, 0x38)
+    a.load(RAX, RDI, 0x40)
+    a.load(RDX, RDI, 0x44)
+    a.not_(RAX)
+    a.cmpxchg8b(RDI, 0x40)
+    # LOCK AND/OR/XOR and the RW-clearing byte AND.
+    a.logic("and", 4, RSI, RDI, 0x48)
+    a.logic("or", 4, RSI, RDI, 0x4C)
+    a.logic("xor", 4, RSI, RDI, 0x50)
+    a.logic_imm8("and", 1, RDI, 0x48, 0xFD)
+    # BTS/BTR/BTC with an immediate and with a register bit offset (0..31).
+    a.bit_imm("bts", 4, RDI, 0x54, 31)
+    a.bit_imm("btr", 4, RDI, 0x58, 1)
+    a.bit_imm("btc", 2, RDI, 0x5C, 5)
+    a.mov_rr(RAX, RSI)
+    a.alu_ri("and", RAX, 31)
+    a.bit_reg("bts", 4, RAX, RDI, 0x60)
+    a.bit_reg("btr", 4, RAX, RDI, 0x64)
+    a.bit_reg("btc", 4, RAX, RDI, 0x68)
+    # STOS of 4, 2, 1 bytes at the block start.
+    a.mov_rr(RAX, RSI)
+    a.stos(4)
+    a.stos(2)
+    a.stos(1)
+    a.dec_mem(RBP, _COUNTER)
+    a.jnz("top")
+    a.hlt()
+    generator = random.Random(seed)
+    data = struct.pack("<IIII", generator.getrandbits(32) | 1, generator.getrandbits(32) | 1,
+                       iterations, 0)
+    registers = {"rbp": layout.gla_of(layout.data_gpa)}
+    return GuestProgram(name=f"stress-{layout.mode.name}-32", code=a.assemble(),
+                        registers=registers, data=data, monitored=initial_entries(layout, seed),
+                        writes_per_iteration=28)
+
+
+
