@@ -39,6 +39,7 @@ from ptemu.decoder.model import (
 )
 from ptemu.emulator import UnicornEmulator
 from ptemu.errors import UsageError
+from ptemu.fastpath import emulate_fast
 from ptemu.memory import GuestMemory
 from ptemu.paging.modes import PagingMode, paging_mode
 from ptemu.paging.walk import walk
@@ -52,6 +53,8 @@ from ptemu.writestate import WriteInput, WriteStateTable
 DEFAULT_DECODE_CACHE_SIZE = 4096
 """Distinct instructions kept decoded (least recently used ones go first)."""
 DEFAULT_MAX_COMMIT_ATTEMPTS = 16
+ENGINES = ("auto", "unicorn")
+DEFAULT_ENGINE = "unicorn"
 """Emulate-and-commit rounds before an ever-changing entry gives `CONTENDED`."""
 
 _CHANGED_REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9",
@@ -108,9 +111,17 @@ class PtWriteHandler:
                  policy: Policy | str = Policy.STRICT, coalesce: bool = True,
                  max_commit_attempts: int = DEFAULT_MAX_COMMIT_ATTEMPTS,
                  decode_cache_size: int = DEFAULT_DECODE_CACHE_SIZE,
-                 table_levels: Mapping[int, int] | None = None) -> None:
-        """`table_levels` optionally maps a page-table page's GPA to its level
-        (1 = PTE ... 5 = PML5E), which lets `classify` read bit 7 as PAT or PS."""
+                 table_levels: Mapping[int, int] | None = None,
+                 engine: str = DEFAULT_ENGINE) -> None:
+        """`engine` is ``"unicorn"`` (every instruction in Unicorn) or ``"auto"``
+        (ptemu's pure-Python fast engine where it applies, Unicorn for the rest;
+        the two agree bit for bit, which the test suite checks). `table_levels`
+        optionally maps a page-table page's GPA to its level (1 = PTE ... 5 =
+        PML5E), which lets `classify` read bit 7 as PAT or PS."""
+        if engine not in ENGINES:
+            raise UsageError(f"unknown engine {engine!r}: expected one of {ENGINES}")
+        self.engine = engine
+        self._fast_engine = engine == "auto"
         self.mode = paging if isinstance(paging, PagingMode) else paging_mode(paging)
         try:
             self.policy = Policy(policy)
@@ -233,27 +244,41 @@ class PtWriteHandler:
         high_offset = high - page_gla
         entry_low = low_offset - low_offset % self.entry_size
         entry_high = -(-high_offset // self.entry_size) * self.entry_size
-        data_pages: list[tuple[int, bytes]] = []
+        span_size = entry_high - entry_low
+        first = low_offset - entry_low  # the written bytes inside the entry window
+        last = high_offset - entry_low
+        fast = self._fast_engine and not store.rep and store.source is None
         for _attempt in range(self.max_commit_attempts):
-            snapshot = self.memory.read(page_gpa, PAGE_SIZE)
-            data_pages = [(page_gla, snapshot), *source_pages]
-            run = self._run(store, code, regs, data_pages, iterations)
-            if isinstance(run, _Refused):
-                return run
-            after, registers = run
-            if after[:low_offset] != snapshot[:low_offset] or \
-                    after[high_offset:] != snapshot[high_offset:]:
-                return _Refused(Status.UNSUPPORTED,
-                                f"'{store.text}' wrote outside the bytes it addresses")
-            if self.memory.compare_and_store(page_gpa + entry_low, snapshot[entry_low:entry_high],
-                                             after[entry_low:entry_high]):
+            registers: dict[str, int] | None = None
+            if fast:
+                before = self.memory.read(page_gpa + entry_low, span_size)
+                done = emulate_fast(store, regs, before[first:last])
+                if done is None:
+                    fast = False  # a form the fast engine leaves to Unicorn
+                else:
+                    after = before[:first] + done.stored + before[last:]
+                    registers = done.registers
+            if registers is None:
+                snapshot = self.memory.read(page_gpa, PAGE_SIZE)
+                run = self._run(store, code, regs, [(page_gla, snapshot), *source_pages],
+                                iterations)
+                if isinstance(run, _Refused):
+                    return run
+                page_after, registers = run
+                if page_after[:low_offset] != snapshot[:low_offset] or \
+                        page_after[high_offset:] != snapshot[high_offset:]:
+                    return _Refused(Status.UNSUPPORTED,
+                                    f"'{store.text}' wrote outside the bytes it addresses")
+                before = snapshot[entry_low:entry_high]
+                after = page_after[entry_low:entry_high]
+            if self.memory.compare_and_store(page_gpa + entry_low, before, after):
                 break
         else:
             return _Refused(Status.CONTENDED, (
                 f"the entries at {page_gpa + entry_low:#x} kept changing during "
                 f"{self.max_commit_attempts} attempts"))
-        writes, entries_after = self._records(store, regs, page_gpa, low_offset, high_offset,
-                                              snapshot, after)
+        writes, entries_after = self._records(store, regs, page_gpa + entry_low, first, last,
+                                              before, after)
         return _Emulated(store, rip, registers, writes, entries_after)
 
     def _written_span(self, store: DecodedStore, regs: Mapping[str, int],
@@ -382,10 +407,11 @@ class PtWriteHandler:
         registers["rip"] = (register_value(regs, "rip") + store.length) & mask_bits(width)
         return after, registers
 
-    def _records(self, store: DecodedStore, regs: Mapping[str, int], page_gpa: int,
+    def _records(self, store: DecodedStore, regs: Mapping[str, int], window_gpa: int,
                  low: int, high: int, before: bytes, after: bytes,
                  ) -> tuple[tuple[WriteRecord, ...], dict[int, int]]:
-        """One record per entry in [low, high), in the order the guest wrote them."""
+        """One record per entry in [low, high) of the window at `window_gpa` (an
+        entry boundary), in the order the guest wrote them."""
         size = self.entry_size
         starts = range(low - low % size, high, size)
         if store.rep and register_value(regs, "rflags") & _DF:
@@ -395,7 +421,7 @@ class PtWriteHandler:
         for start in starts:
             first = max(low, start)
             last = min(high, start + size)
-            entry_gpa = page_gpa + start
+            entry_gpa = window_gpa + start
             records.append(WriteRecord(
                 gpa=entry_gpa, offset=first - start, size=last - first,
                 value=int.from_bytes(after[first:last], "little"),
