@@ -60,6 +60,7 @@ DEFAULT_ENGINE = "unicorn"
 _CHANGED_REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9",
                       "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 _DF = 1 << 10
+_ZF = 1 << 6
 _CR4_PSE = 1 << 4
 _EFER_NXE = 1 << 11
 
@@ -383,6 +384,12 @@ class PtWriteHandler:
         if run.refusal is not None:
             return _Refused(Status.UNSUPPORTED, f"'{store.text}': {run.refusal}")
         registers = run.registers
+        if store.family.name == "cmpxchg" and store.access_size == 4 and store.code_bits == 64 \
+                and registers["rflags"] & _ZF:
+            # Unicorn 2.1 (QEMU 5) zero-extends RAX even when a 32-bit CMPXCHG
+            # succeeds (unicorn-engine issue #2332); the CPU writes EAX only on
+            # a mismatch (SDM vol. 2, CMPXCHG), so RAX is left as it was.
+            registers["rax"] = register_value(regs, "rax")
         if store.rep and registers["rip"] == register_value(regs, "rip") and \
                 registers["rcx"] & mask_bits(store.destination.address_bits) == 0:
             # The engine stops on the instruction after its last iteration; the

@@ -94,6 +94,9 @@ def _check(bits, form, values, offset, flags, page_bytes, source_bytes, vectors)
         if values[0] & 1:
             regs["rax"] = current & mask
             regs["rdx"] = (current >> (64 if "48 0f c7" in form else 32)) & mask
+            if bits == 64 and "48" not in form:
+                # A narrow compare that matches must leave RAX's upper bits alone.
+                regs["rax"] = (regs["rax"] & 0xFFFFFFFF) | (values[2] & ~0xFFFFFFFF & mask)
     if "0f ab" in form or "0f b3" in form or "0f bb" in form:
         regs["rsi"] = values[5] % 300 - 100  # bit-base: may address another entry
         regs["rsi"] &= mask

@@ -127,6 +127,13 @@ def test_cmpxchg_32bit_accumulator_zero_extends_in_64bit_code(make_guest):
                                          "rax": 0xFFFFFFFF00000007}, GLA64, GPA64)
     assert result.writes == (WriteRecord(GPA64, 0, 4, 5, 5),)
     assert result.regs["rax"] == 5
+    # On a match only the destination is written: RAX keeps its upper half
+    # (real CPUs do; Unicorn 2.1 zero-extends, which the handler corrects).
+    result = guest.write("f0 0f b1 37", {"rip": RIP64, "rdi": GLA64, "rsi": 9,
+                                         "rax": 0xFFFFFFFF00000005}, GLA64, GPA64)
+    assert result.writes == (WriteRecord(GPA64, 0, 4, 9, 5),)
+    assert "rax" not in result.regs
+    assert result.regs["rflags"] == 0x46
 
 
 def test_cmpxchg8b_match_and_mismatch(make_guest):
