@@ -17,8 +17,8 @@ LAYERS = {
     "fixtures": 5, "capture": 5, "kvm": 5,
     "cli": 6, "__main__": 6, "__init__": 6, "decoder": 2,
 }
-CAPSTONE_USERS = {"decoder.capstone_adapter"}
-UNICORN_USERS = {"emulator", "capture.machine"}
+CAPSTONE_USERS = {"decoder.capstone_adapter", "bench.naive"}
+UNICORN_USERS = {"emulator", "capture.machine", "bench.naive"}
 
 
 def _layer(module: str) -> int:
