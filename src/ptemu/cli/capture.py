@@ -64,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise UsageError(f"{target}: cannot write: {error.strerror}") from None
     events = text.count('"expect"')
-    print(f"{target}: {spec.name}: {events} events", file=sys.stderr)
+    print(f"{target}: {spec.name}: {events} event{'' if events == 1 else 's'}", file=sys.stderr)
     return EXIT_OK
