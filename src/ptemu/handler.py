@@ -43,7 +43,7 @@ from ptemu.fastpath import emulate_fast
 from ptemu.memory import GuestMemory
 from ptemu.paging.modes import PagingMode, paging_mode
 from ptemu.paging.walk import walk
-from ptemu.registers import REGISTER_NAMES, register_value
+from ptemu.registers import REGISTER_DEFAULTS, REGISTER_NAMES, register_value
 from ptemu.results import EntryResult, EventResult, WriteRecord
 from ptemu.status import EntryState, Policy, Status
 from ptemu.values import PAGE_SIZE, mask_bits, page_base, page_offset
@@ -57,8 +57,9 @@ ENGINES = ("auto", "unicorn")
 DEFAULT_ENGINE = "unicorn"
 """Emulate-and-commit rounds before an ever-changing entry gives `CONTENDED`."""
 
-_CHANGED_REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9",
-                      "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+_DEFAULT_FLAGS = REGISTER_DEFAULTS["rflags"]
+_U64 = mask_bits(64)
+_U32 = mask_bits(32)
 _DF = 1 << 10
 _ZF = 1 << 6
 _CR4_PSE = 1 << 4
@@ -81,9 +82,9 @@ class WriteEvent:
     """16, 32 or 64: the operating size of the faulting code."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Emulated:
-    """One instruction emulated and committed."""
+    """One instruction emulated and committed (internal, built once per event)."""
 
     store: DecodedStore
     rip: int
@@ -213,8 +214,7 @@ class PtWriteHandler:
         if isinstance(decoded, DecodeRefusal):
             return _Refused(Status.UNSUPPORTED, decoded.reason)
         store = decoded
-        width = 64 if code_bits == 64 else 32
-        rip = register_value(regs, "rip") & mask_bits(width)
+        rip = regs["rip"] & (_U64 if code_bits == 64 else _U32)
         address = destination_address(store, regs, rip)
         size = store.access_size
         if not address <= gla < address + size:
@@ -466,19 +466,20 @@ class PtWriteHandler:
 
     def _finish(self, vcpu: Vcpu, event: WriteEvent, done: list[_Emulated]) -> EventResult:
         writes = tuple(record for item in done for record in item.writes)
-        final = done[-1].registers
-        changed = {name: final[name] for name in _CHANGED_REGISTERS
-                   if name in final and final[name] != register_value(event.regs, name)}
+        before = event.regs.get
+        changed = {name: value for name, value in done[-1].registers.items()
+                   if value != before(name, _DEFAULT_FLAGS if name == "rflags" else 0)}
         # Strict duplicates need "same GPA, same registers": a hash is enough,
         # since a duplicate must also find memory already holding its bytes.
-        fingerprint = hash((event.gpa, frozenset(event.regs.items())))
+        fingerprint = (hash((event.gpa, frozenset(event.regs.items())))
+                       if self.policy is Policy.STRICT else None)
         outcomes: dict[int, EntryResult] = {}
         for item in done:
             read_modify_write = item.store.family.access is Access.READ_MODIFY_WRITE
             for record in item.writes:
                 entry_after = item.entries_after[record.gpa]
                 shift = 8 * record.offset
-                unchanged = (record.old >> shift) & mask_bits(8 * record.size) == record.value
+                unchanged = (record.old >> shift) & ((1 << (8 * record.size)) - 1) == record.value
                 outcome = self.write_state.apply(
                     record.gpa,
                     WriteInput(offset=record.offset, size=record.size, value=record.value,
