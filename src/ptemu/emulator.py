@@ -35,6 +35,9 @@ MAX_DATA_PAGES = 4
 ENGINE_GDT = ENGINE_DATA_BASE + MAX_DATA_PAGES * PAGE_SIZE
 ENGINE_MEMORY = ENGINE_GDT + PAGE_SIZE
 
+_UNREACHABLE = 0x800
+"""Distance from RIP to the stop address: far beyond a 15-byte instruction."""
+
 ARITHMETIC_FLAGS = 0x8D5
 """CF PF AF ZF SF OF: the flags the stores ptemu emulates read or define."""
 ENGINE_FLAGS = ARITHMETIC_FLAGS | 0x400
@@ -232,7 +235,9 @@ class UnicornEmulator:
         refusal = None
         fault = None
         try:
-            uc.emu_start(rip, 0, count=steps)
+            # `until` must be an address one instruction cannot reach, inside
+            # the code window (0 would stop at once an instruction at RIP 0).
+            uc.emu_start(rip, (code_linear + _UNREACHABLE) & low_mask, count=steps)
         except unicorn.UcError as error:
             if error.errno == unicorn.UC_ERR_INSN_INVALID:
                 fault = "#UD"

@@ -135,3 +135,20 @@ def test_caller_errors_raise_with_a_clear_message(make_guest):
         make_guest("4level", policy="lenient")
     with pytest.raises(UsageError):
         make_guest("6level")
+
+
+def test_lock_on_a_plain_store_is_refused_even_behind_rep(make_guest):
+    # f0 f3 89 37: LOCK then REP then MOV; Capstone reports only the last
+    # group-1 prefix. LOCK on MOV raises #UD (SDM vol. 2, LOCK).
+    guest = make_guest()
+    for code in ("f0 f3 89 37", "f3 f0 48 89 37", "f0 ab"):
+        result = guest.write(code, {"rip": RIP64, "rdi": GLA64, "rsi": 1, "rax": 1}, GLA64, GPA64)
+        assert result.status is Status.UNSUPPORTED, code
+    assert guest.entry(GPA64) == 0
+
+
+def test_instruction_at_rip_zero(make_guest):
+    guest = make_guest()
+    result = guest.write("48 87 37", {"rip": 0, "rdi": GLA64, "rsi": 5}, GLA64, GPA64)
+    assert result.status is Status.EMULATED
+    assert result.regs["rip"] == 3

@@ -15,7 +15,7 @@ from typing import Any
 import capstone
 from capstone import x86_const
 
-from ptemu.decoder.families import FAMILY_BY_INSTRUCTION, Family, MemoryPosition
+from ptemu.decoder.families import FAMILY_BY_INSTRUCTION, Access, Family, MemoryPosition
 from ptemu.decoder.model import SUB_REGISTERS, DecodedStore, MemoryOperand
 
 MAX_INSTRUCTION_LENGTH = 15
@@ -88,6 +88,23 @@ def _memory_operand(instruction: Any, operand: Any, *, string_destination: bool)
                          displacement=memory.disp, address_bits=instruction.addr_size * 8)
 
 
+_LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
+
+
+def _has_lock_prefix(encoding: bytes, code_bits: int) -> bool:
+    """Whether a LOCK byte stands among the legacy prefixes.
+
+    Capstone reports one group-1 prefix (the last of LOCK/REP/REPNE), so
+    ``f0 f3 89 37`` would look unlocked; the prefix bytes themselves tell.
+    """
+    for byte in encoding:
+        if byte == _LOCK:
+            return True
+        if byte not in _LEGACY_PREFIXES:
+            return False
+    return False
+
+
 class _Unsupported(Exception):
     """Internal: the form is outside what ptemu emulates."""
 
@@ -117,6 +134,11 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
     except _Unsupported as refusal:
         return DecodeRefusal(f"'{text}': {refusal}")
     prefix = instruction.prefix[0]
+    lock = _has_lock_prefix(bytes(instruction.bytes), code_bits)
+    if lock and family.access is not Access.READ_MODIFY_WRITE:
+        # SDM vol. 2, LOCK: #UD unless the instruction is a read-modify-write
+        # with a memory destination, so these bytes never store anything.
+        return DecodeRefusal(f"'{text}': LOCK on {name} raises #UD")
     other_operands = [op for i, op in enumerate(operands) if i != destination_index]
     source_register = None
     immediate = None
@@ -139,7 +161,7 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
         destination=memory,
         access_size=destination.size,
         rep=family.string and prefix in _REP_PREFIXES,
-        lock=prefix == _LOCK,
+        lock=lock,
         bit_offset_register=bit_offset_register,
         source=source,
         source_register=source_register,
