@@ -38,6 +38,7 @@ from ptemu.decoder.model import (
     linear_address,
 )
 from ptemu.emulator import UnicornEmulator
+from ptemu.engines import DEFAULT_ENGINE, ENGINES, Engine
 from ptemu.errors import UsageError
 from ptemu.fastpath import emulate_fast
 from ptemu.memory import GuestMemory
@@ -53,8 +54,6 @@ from ptemu.writestate import WriteInput, WriteStateTable
 DEFAULT_DECODE_CACHE_SIZE = 4096
 """Distinct instructions kept decoded (least recently used ones go first)."""
 DEFAULT_MAX_COMMIT_ATTEMPTS = 16
-ENGINES = ("auto", "unicorn")
-DEFAULT_ENGINE = "unicorn"
 """Emulate-and-commit rounds before an ever-changing entry gives `CONTENDED`."""
 
 _DEFAULT_FLAGS = REGISTER_DEFAULTS["rflags"]
@@ -114,16 +113,16 @@ class PtWriteHandler:
                  max_commit_attempts: int = DEFAULT_MAX_COMMIT_ATTEMPTS,
                  decode_cache_size: int = DEFAULT_DECODE_CACHE_SIZE,
                  table_levels: Mapping[int, int] | None = None,
-                 engine: str = DEFAULT_ENGINE) -> None:
-        """`engine` is ``"unicorn"`` (every instruction in Unicorn) or ``"auto"``
-        (ptemu's pure-Python fast engine where it applies, Unicorn for the rest;
-        the two agree bit for bit, which the test suite checks). `table_levels`
+                 engine: Engine | str = DEFAULT_ENGINE) -> None:
+        """`engine` is ``"auto"`` (the default: ptemu's pure-Python fast engine
+        where it applies, Unicorn for the rest; the two agree bit for bit, which
+        the test suite checks) or ``"unicorn"`` (every instruction in Unicorn). `table_levels`
         optionally maps a page-table page's GPA to its level (1 = PTE ... 5 =
         PML5E), which lets `classify` read bit 7 as PAT or PS."""
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: expected one of {ENGINES}")
-        self.engine = engine
-        self._fast_engine = engine == "auto"
+        self.engine = Engine(engine)
+        self._fast_engine = self.engine is Engine.AUTO
         self.mode = paging if isinstance(paging, PagingMode) else paging_mode(paging)
         try:
             self.policy = Policy(policy)
@@ -467,7 +466,10 @@ class PtWriteHandler:
     def _finish(self, vcpu: Vcpu, event: WriteEvent, done: list[_Emulated]) -> EventResult:
         writes = tuple(record for item in done for record in item.writes)
         before = event.regs.get
-        changed = {name: value for name, value in done[-1].registers.items()
+        final = done[0].registers
+        if len(done) > 1:  # a coalesced second half: its changes on top of the first's
+            final = {**final, **done[1].registers}
+        changed = {name: value for name, value in final.items()
                    if value != before(name, _DEFAULT_FLAGS if name == "rflags" else 0)}
         # Strict duplicates need "same GPA, same registers": a hash is enough,
         # since a duplicate must also find memory already holding its bytes.

@@ -32,6 +32,7 @@ from ptemu.fixtures import (
     load_fixture,
     replay_fixture,
 )
+from ptemu.engines import DEFAULT_ENGINE, ENGINES
 from ptemu.results import EventResult
 from ptemu.status import EntryState, Policy
 from ptemu.values import hex_int
@@ -61,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "own, strict when it names none)")
     parser.add_argument("--no-coalesce", dest="coalesce", action="store_false",
                         help="do not emulate a PAE entry's second half in the same exit")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help=f"the handler's engine (default {DEFAULT_ENGINE}: the fast "
+                        "engine where it applies, Unicorn for the rest)")
     parser.add_argument("--json", action="store_true",
                         help="JSON Lines on stdout: one object per event, then a summary")
     parser.set_defaults(run=run)
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     tally = _Tally()
     for fixture in fixtures:
         report = replay_fixture(fixture, policy=args.policy, coalesce=args.coalesce,
+                                engine=args.engine,
                                 on_event=progress.advance if progress else None)
         tally.add(report)
         lines = _json_lines(report) if args.json else _human_lines(report)
