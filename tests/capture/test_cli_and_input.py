@@ -37,7 +37,7 @@ def test_cli_writes_a_loadable_fixture(tmp_path: Path, capsys: pytest.CaptureFix
     fixture = load_fixture(out)
     assert fixture.name == "4level/cli"
     assert len(fixture.events) == 1
-    assert "1 events" in capsys.readouterr().err
+    assert ": 1 event\n" in capsys.readouterr().err
 
 
 def test_cli_without_output_prints_the_fixture(tmp_path: Path,
