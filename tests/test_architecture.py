@@ -34,8 +34,7 @@ def _modules():
     for path in sorted(SOURCE.rglob("*.py")):
         relative = path.relative_to(SOURCE).with_suffix("")
         name = ".".join(relative.parts)
-        if name.endswith(".__init__"):
-            name = name[: -len(".__init__")]
+        name = name.removesuffix(".__init__")
         yield name, ast.parse(path.read_text(), str(path))
 
 

@@ -21,9 +21,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import unicorn
+import unicorn as _unicorn
 from unicorn import x86_const as ux
 from unicorn.unicorn_py3.unicorn import uclib
+
+unicorn: Any = _unicorn  # its bindings are only partly typed
 
 from ptemu.registers import GENERAL_REGISTERS, RFLAGS_RESERVED_ONE, SEGMENT_BASES, register_value
 from ptemu.values import PAGE_SIZE, mask_bits, page_base
@@ -98,7 +100,7 @@ class _RegisterBlock:
             *(ctypes.addressof(self.values) + 8 * i for i in range(count)))
 
     def write(self, values: Sequence[int]) -> None:
-        self.values[:] = values
+        self.values[:] = list(values)
         status = uclib.uc_reg_write_batch(self._uc._uch, self._ids, self._pointers, self._count)
         if status != unicorn.UC_ERR_OK:
             raise unicorn.UcError(status)

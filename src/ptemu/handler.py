@@ -369,14 +369,14 @@ class PtWriteHandler:
              ) -> tuple[bytes, dict[str, int]] | _Refused:
         if store.family.register_store:
             return self._register_store(store, regs, data_pages[0])
-        vector = ()
+        vector: tuple[str, ...] = ()
         if store.source_register is not None and store.source_register.startswith("xmm"):
             vector = (store.source_register,)
         try:
             run = self._emulator.run(code_bits=store.code_bits, registers=regs, code=code,
                                      data_pages=data_pages, steps=iterations,
                                      vector_registers=vector)
-        except Exception as error:  # the engine refused its inputs: never crash the guest
+        except Exception as error:  # noqa: BLE001 - whatever the engine raises, the guest must not stall
             return _Refused(Status.UNSUPPORTED, f"'{store.text}': emulation failed: {error}")
         if run.fault is not None:
             return _Refused(Status.FAULT, f"'{store.text}' raises {run.fault}", fault=run.fault)

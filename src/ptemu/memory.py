@@ -20,38 +20,12 @@ class GuestMemory(Protocol):
     """Read, write and compare-and-store on guest-physical addresses."""
 
     def read(self, gpa: int, size: int) -> bytes:
-        if gpa < 0 or size < 0:
-            raise ValueError(f"bad read at {gpa:#x} size {size}")
-        offset = gpa & PAGE_OFFSET_MASK
-        if offset + size <= PAGE_SIZE:  # one page: the handler's common case
-            page = self._pages.get(gpa >> 12)
-            return bytes(size) if page is None else bytes(page[offset:offset + size])
-        offset = gpa & PAGE_OFFSET_MASK
-        if offset + size <= PAGE_SIZE:  # one page: the handler's common case
-            page = self._pages.get(gpa >> 12)
-            return bytes(size) if page is None else bytes(page[offset:offset + size])
-        out = bytearray(size)
-        for page_number, offset, start, length in self._spans(gpa, size):
-            page = self._pages.get(page_number)
-            if page is not None:
-                out[start:start + length] = page[offset:offset + length]
-        return bytes(out)
+        """Return `size` bytes at `gpa`; bytes never written read as zero."""
+        ...
 
     def write(self, gpa: int, data: bytes) -> None:
-        if gpa < 0:
-            raise ValueError(f"bad write at {gpa:#x}")
-        offset = gpa & PAGE_OFFSET_MASK
-        if offset + len(data) <= PAGE_SIZE:
-            page = self._pages.get(gpa >> 12)
-            if page is None:
-                page = self._pages[gpa >> 12] = bytearray(PAGE_SIZE)
-            page[offset:offset + len(data)] = data
-            return
-        for page_number, offset, start, length in self._spans(gpa, len(data)):
-            page = self._pages.get(page_number)
-            if page is None:
-                page = self._pages[page_number] = bytearray(PAGE_SIZE)
-            page[offset:offset + length] = data[start:start + length]
+        """Store `data` at `gpa` unconditionally."""
+        ...
 
     def compare_and_store(self, gpa: int, expected: bytes, new: bytes) -> bool:
         """Atomically store `new` at `gpa` if memory there equals `expected`.

@@ -83,9 +83,8 @@ def _check(code_bits, code_hex, values, offset, flags, entry):
     vcpu.begin_exit()
     # The faulting byte: the first byte the instruction writes (bit-base for BT* reg).
     gla = PAGE + offset
-    if code_hex.endswith("0f ab 37") or code_hex.endswith("0f b3 37") or \
-            code_hex.endswith("0f bb 37"):
-        width = 64 if code_hex.startswith("48") or code_hex.startswith("f0 48") else 32
+    if code_hex.endswith(("0f ab 37", "0f b3 37", "0f bb 37")):
+        width = 64 if code_hex.startswith(("48", "f0 48")) else 32
         bit = regs["rsi"] & ((1 << width) - 1)
         if bit >> (width - 1):
             bit -= 1 << width

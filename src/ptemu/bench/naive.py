@@ -14,8 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import capstone
-import unicorn
+import unicorn as _unicorn
 from unicorn import x86_const as ux
+
+unicorn: Any = _unicorn  # its bindings are only partly typed
 
 _REGISTERS64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10",
                 "r11", "r12", "r13", "r14", "r15")

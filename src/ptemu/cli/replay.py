@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+from ptemu.engines import DEFAULT_ENGINE, ENGINES
 from ptemu.fixtures import (
     EventReport,
     FixtureReport,
@@ -32,7 +33,6 @@ from ptemu.fixtures import (
     load_fixture,
     replay_fixture,
 )
-from ptemu.engines import DEFAULT_ENGINE, ENGINES
 from ptemu.results import EventResult
 from ptemu.status import EntryState, Policy
 from ptemu.values import hex_int
