@@ -472,11 +472,14 @@ class PtWriteHandler:
     # -- reporting ----------------------------------------------------------
 
     def _finish(self, vcpu: Vcpu, event: WriteEvent, done: list[_Emulated]) -> EventResult:
-        writes = tuple(record for item in done for record in item.writes)
         before = event.regs.get
         final = done[0].registers
+        writes = done[0].writes
+        undefined = done[0].store.family.undefined_flags
         if len(done) > 1:  # a coalesced second half: its changes on top of the first's
             final = {**final, **done[1].registers}
+            writes += done[1].writes
+            undefined |= done[1].store.family.undefined_flags
         changed = {name: value for name, value in final.items()
                    if value != before(name, _DEFAULT_FLAGS if name == "rflags" else 0)}
         # Strict duplicates need "same GPA, same registers": a hash is enough,
@@ -484,36 +487,33 @@ class PtWriteHandler:
         fingerprint = (hash((event.gpa, tuple(event.regs), tuple(event.regs.values())))
                        if self.policy is Policy.STRICT else None)
         outcomes: dict[int, EntryResult] = {}
+        apply = self.write_state.apply
         for item in done:
             read_modify_write = item.store.family.access is Access.READ_MODIFY_WRITE
+            rep = item.store.rep
             for record in item.writes:
-                entry_after = item.entries_after[record.gpa]
-                shift = 8 * record.offset
-                unchanged = (record.old >> shift) & ((1 << (8 * record.size)) - 1) == record.value
-                outcome = self.write_state.apply(
-                    record.gpa,
-                    WriteInput(offset=record.offset, size=record.size, value=record.value,
-                               entry_before=record.old, entry_after=entry_after, rip=item.rip,
-                               read_modify_write=read_modify_write, rep_string=item.store.rep,
-                               event_fingerprint=fingerprint,
-                               first_of_event=record.gpa not in outcomes,
-                               unchanged=unchanged),
+                entry_gpa = record.gpa
+                unchanged = ((record.old >> (8 * record.offset)) & ((1 << (8 * record.size)) - 1)
+                             == record.value)
+                outcome = apply(
+                    entry_gpa,
+                    WriteInput(record.offset, record.size, record.value, record.old,
+                               item.entries_after[entry_gpa], item.rip, read_modify_write, rep,
+                               fingerprint, entry_gpa not in outcomes, unchanged),
                     entry_size=self.entry_size, policy=self.policy,
                     guest_is_32bit=self._guest_is_32bit)
-                outcomes[record.gpa] = self._entry_result(record.gpa, outcome.state,
-                                                          outcome.old, outcome.new)
+                outcomes[entry_gpa] = self._entry_result(entry_gpa, outcome.state,
+                                                         outcome.old, outcome.new)
         head = writes[0]
         buffer = vcpu.pt_emu_buffer
-        buffer.old, buffer.new = head.old, head.value
+        buffer.old = head.old
+        buffer.new = head.value
         buffer.partial = head.size < self.entry_size
         buffer.valid = buffer.emulated = True
         buffer.writes = writes
-        undefined = 0
-        for item in done:
-            undefined |= item.store.family.undefined_flags
-        return EventResult(Status.EMULATED, writes=writes,
-                           entries=tuple(outcomes[gpa] for gpa in sorted(outcomes)),
-                           regs=changed, undefined_flags=undefined, instructions=len(done))
+        entries = (tuple(outcomes.values()) if len(outcomes) == 1
+                   else tuple(outcomes[gpa] for gpa in sorted(outcomes)))
+        return EventResult(Status.EMULATED, writes, entries, changed, undefined, len(done))
 
     def _entry_result(self, entry_gpa: int, state: EntryState, old: int | None,
                       new: int | None) -> EntryResult:

@@ -116,8 +116,9 @@ def _check(bits, form, values, offset, flags, page_bytes, source_bytes, vectors)
     vcpu = Vcpu()
     vcpu.begin_exit()
     event_regs = {**regs, "rip": CODE, "cr3": cr3}
-    if native.outcome is Outcome.FAULTED and native.fault.trapno != 14:
-        # The CPU raised #GP/#UD: the handler must not write either.
+    if native.outcome is Outcome.FAULTED and (native.fault.trapno != 14 or not string):
+        # The CPU raised #GP/#UD, or a store ran off the page (#PF on the unmapped
+        # next page): the handler must not write either.
         gla = PAGE + offset
         result = handler.handle_ept_write(vcpu, WriteEvent(gla, gla, event_regs, code, bits))
         assert result.status is not Status.EMULATED

@@ -63,6 +63,13 @@ def _build_sub_registers() -> dict[str, SubRegister]:
 SUB_REGISTERS: dict[str, SubRegister] = _build_sub_registers()
 """Every register name Capstone may print for an operand we read."""
 
+# Address generation runs once per event: plain tuples and masks, no calls.
+_READERS = {name: (sub.full, sub.shift, mask_bits(sub.bits)) for name, sub in SUB_REGISTERS.items()}
+_RIP_NAMES = frozenset({"rip", "eip"})
+_ADDRESS_MASKS = {16: mask_bits(16), 32: mask_bits(32), 64: mask_bits(64)}
+_U32 = mask_bits(32)
+_U64 = mask_bits(64)
+
 
 @dataclass(frozen=True, slots=True)
 class MemoryOperand:
@@ -117,20 +124,22 @@ def linear_address(operand: MemoryOperand, registers: Mapping[str, int], code_bi
     segment base is added: in 64-bit code only FS and GS have one (SDM vol. 3,
     3.4.4); in 16/32-bit code the result wraps at 4 GiB.
     """
-    if operand.rip_relative:
+    if operand.base in _RIP_NAMES:
         offset = next_rip + operand.displacement
     else:
         offset = operand.displacement
         if operand.base is not None:
-            offset += SUB_REGISTERS[operand.base].read(registers)
+            full, shift, mask = _READERS[operand.base]
+            offset += (registers.get(full, 0) >> shift) & mask
         if operand.index is not None:
-            offset += SUB_REGISTERS[operand.index].read(registers) * operand.scale
-    offset &= mask_bits(operand.address_bits)
+            full, shift, mask = _READERS[operand.index]
+            offset += ((registers.get(full, 0) >> shift) & mask) * operand.scale
+    offset &= _ADDRESS_MASKS[operand.address_bits]
     if code_bits == 64:
         if operand.segment in ("fs", "gs"):
-            return (offset + register_value(registers, f"{operand.segment}_base")) & mask_bits(64)
+            return (offset + registers.get(f"{operand.segment}_base", 0)) & _U64
         return offset
-    return (offset + register_value(registers, f"{operand.segment}_base")) & mask_bits(32)
+    return (offset + registers.get(f"{operand.segment}_base", 0)) & _U32
 
 
 def signed(value: int, bits: int) -> int:
