@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,14 @@ from unicorn.unicorn_py3.unicorn import uclib
 unicorn: Any = _unicorn  # its bindings are only partly typed
 
 from ptemu.registers import GENERAL_REGISTERS, RFLAGS_RESERVED_ONE, SEGMENT_BASES, register_value
-from ptemu.values import PAGE_SIZE, mask_bits, page_base
+from ptemu.values import PAGE_OFFSET_MASK, PAGE_SIZE, mask_bits, page_base
 
-ENGINE_CODE_PAGES = 2
-"""Physical pages 0-1 hold the code window (an instruction may cross a page)."""
-ENGINE_DATA_BASE = ENGINE_CODE_PAGES * PAGE_SIZE
+CODE_WINDOW_PAGES = 2
+"""Pages of one code window: an instruction may cross into the next page."""
+CODE_SLOTS = 64
+"""Code windows kept in the engine, each with the blocks QEMU translated from
+it: an instruction seen before runs without being translated again."""
+ENGINE_DATA_BASE = CODE_SLOTS * CODE_WINDOW_PAGES * PAGE_SIZE
 MAX_DATA_PAGES = 4
 ENGINE_GDT = ENGINE_DATA_BASE + MAX_DATA_PAGES * PAGE_SIZE
 ENGINE_MEMORY = ENGINE_GDT + PAGE_SIZE
@@ -127,10 +131,11 @@ class _Engine:
         self.state_in = _RegisterBlock(self.uc, (*gprs.values(), flags_id, pc_id, *bases))
         self.state_out = _RegisterBlock(self.uc, (*gprs.values(), flags_id, pc_id))
         self.uc.ctl_set_tlb_mode(unicorn.UC_TLB_VIRTUAL)
-        self.uc.mem_map(0, ENGINE_MEMORY)
+        self.uc.mem_map(0, ENGINE_MEMORY)  # code windows, data pages, GDT
         self.translations: dict[int, int] = {}
         self.fault_vector: int | None = None
-        self.code_placed: tuple[int, bytes] | None = None
+        self.code_slots: OrderedDict[tuple[int, bytes], int] = OrderedDict()
+        """(code linear address, code bytes) -> engine address of its window."""
         self.data_contents: list[bytes | None] = [None] * MAX_DATA_PAGES
         """What each engine data page holds now, to skip rewriting it."""
         self.segments: tuple[int, ...] | None = None
@@ -185,7 +190,8 @@ class UnicornEmulator:
         rip = get("rip", 0) & low_mask
         code_linear = rip if code_bits == 64 else (rip + get("cs_base", 0)) & low_mask
         code_page = page_base(code_linear)
-        translations = {code_page: 0, (code_page + PAGE_SIZE) & low_mask: PAGE_SIZE}
+        window = self._code_window(engine, code_linear, code)
+        translations = {code_page: window, (code_page + PAGE_SIZE) & low_mask: window + PAGE_SIZE}
         for number, (linear_page, _) in enumerate(data_pages):
             # A data page may be the page after the code's (an instruction
             # that crosses into it is not one that writes it), not the code's own.
@@ -194,16 +200,6 @@ class UnicornEmulator:
                                     refusal="the instruction's code lies on a monitored page")
             translations[linear_page] = ENGINE_DATA_BASE + number * PAGE_SIZE
 
-        placed = (code_linear, code)
-        if engine.code_placed != placed:
-            # New code where translated blocks of older code may be cached:
-            # rewrite the window and drop every block translated from it.
-            start = code_linear - code_page
-            window = bytearray(ENGINE_CODE_PAGES * PAGE_SIZE)
-            window[start:start + len(code)] = code[:len(window) - start]
-            uc.mem_write(0, bytes(window))
-            uc.ctl_flush_tb()
-            engine.code_placed = placed
         for number, (_, contents) in enumerate(data_pages):
             if engine.data_contents[number] != contents:
                 uc.mem_write(ENGINE_DATA_BASE + number * PAGE_SIZE, contents)
@@ -268,6 +264,33 @@ class UnicornEmulator:
         page = bytes(uc.mem_read(ENGINE_DATA_BASE, PAGE_SIZE))
         engine.data_contents[0] = page
         return EmulationRun(after, page, fault=fault, refusal=refusal)
+
+    @staticmethod
+    def _code_window(engine: _Engine, code_linear: int, code: bytes) -> int:
+        """The engine address of a window holding `code` at `code_linear`.
+
+        A window already holding these bytes at this address is reused with
+        the blocks QEMU translated from it; otherwise the least recently used
+        window is rewritten and the translation cache dropped (the engine does
+        not notice a write over code it has translated).
+        """
+        key = (code_linear, code)
+        slots = engine.code_slots
+        window = slots.get(key)
+        if window is not None:
+            slots.move_to_end(key)
+            return window
+        if len(slots) < CODE_SLOTS:
+            window = len(slots) * CODE_WINDOW_PAGES * PAGE_SIZE
+        else:
+            window = slots.popitem(last=False)[1]
+        contents = bytearray(CODE_WINDOW_PAGES * PAGE_SIZE)
+        start = code_linear & PAGE_OFFSET_MASK
+        contents[start:start + len(code)] = code[:len(contents) - start]
+        engine.uc.mem_write(window, bytes(contents))
+        engine.uc.ctl_flush_tb()
+        slots[key] = window
+        return window
 
     @staticmethod
     def _free_page(translations: Mapping[int, int], width: int) -> int:
