@@ -100,32 +100,33 @@ def measure(runners: dict[str, Runner], events: Sequence[BenchEvent], rounds: in
 def pending_state_scaling(engine: str, sizes: Sequence[int], probe: Sequence[BenchEvent],
                           ) -> list[tuple[int, float]]:
     """Median event latency with `size` entries already holding pending writes."""
-    figures = []
-    for size in sizes:
-        run = HandlerRunner(engine)
-        handler = run.handler(probe[0].paging)
+    def fill(handler: PtWriteHandler, size: int) -> None:
         for number in range(size):
             # Pending partial writes on entries of pages the probe never touches.
             handler.write_state.apply(
                 0x40_0000_0000 + number * 8,
                 WriteInput(offset=0, size=4, value=1, entry_before=0, entry_after=1, rip=0),
-                entry_size=handler.entry_size, policy=handler.policy,
-                guest_is_32bit=False)
-        timings = sorted(run(event) for event in probe)
-        figures.append((size, statistics.median(timings) / 1e3))
-    return figures
+                entry_size=handler.entry_size, policy=handler.policy, guest_is_32bit=False)
+    return _scaling(engine, sizes, probe, fill)
 
 
 def decode_cache_scaling(engine: str, sizes: Sequence[int], probe: Sequence[BenchEvent],
                          ) -> list[tuple[int, float]]:
     """Median event latency with `size` distinct instructions in the decode cache."""
-    figures = []
-    for size in sizes:
-        run = HandlerRunner(engine)
-        handler = run.handler(probe[0].paging)
+    def fill(handler: PtWriteHandler, size: int) -> None:
         for number in range(size):
             # mov [rdi + disp32], rsi with a distinct displacement each
             handler.decode(64, b"\x48\x89\xb7" + (number * 8).to_bytes(4, "little"))
+    return _scaling(engine, sizes, probe, fill)
+
+
+def _scaling(engine: str, sizes: Sequence[int], probe: Sequence[BenchEvent],
+             fill: Callable[[PtWriteHandler, int], None]) -> list[tuple[int, float]]:
+    """Median latency of `probe` on a fresh handler that `fill` grew to each size."""
+    figures = []
+    for size in sizes:
+        run = HandlerRunner(engine)
+        fill(run.handler(probe[0].paging), size)
         timings = sorted(run(event) for event in probe)
         figures.append((size, statistics.median(timings) / 1e3))
     return figures
