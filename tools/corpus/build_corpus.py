@@ -509,6 +509,60 @@ def synthetic_64(paging: str, rng: random.Random) -> Iterator[Trace]:
     yield g.trace()
 
 
+    g = guest("arithmetic-read-modify-write", paging, 64, rng,
+              "XADD, ADD, SUB, ADC, SBB, INC, DEC, NOT, NEG on entries, with and without LOCK")
+    g.entries = {i: v.pte() for i in range(24, 34)}
+    g.blob("xadd", "f0 48 0f c1 37 c3")           # lock xadd [rdi], rsi
+    g.blob("add8", "f0 48 83 07 20 c3")           # lock add qword [rdi], 0x20
+    g.blob("sub", "48 29 37 c3")                  # sub [rdi], rsi
+    g.blob("adc", "f9 48 11 37 c3")               # stc; adc [rdi], rsi
+    g.blob("sbb", "f9 f0 48 19 37 c3")            # stc; lock sbb [rdi], rsi
+    g.blob("inc", "f0 48 ff 07 c3")               # lock inc qword [rdi]
+    g.blob("dec", "48 ff 0f c3")                  # dec qword [rdi]
+    g.blob("not", "f0 48 f7 17 c3")               # lock not qword [rdi]
+    g.blob("neg", "48 f7 1f c3")                  # neg qword [rdi]
+    g.blob("add1", "80 07 40 c3")                 # add byte [rdi], 0x40 (sets D)
+    g.call("xadd", rdi=g.entry(24), rsi=0x1000)
+    g.call("add8", rdi=g.entry(25))
+    g.call("sub", rdi=g.entry(26), rsi=0x20)
+    g.call("adc", rdi=g.entry(27), rsi=0x1)
+    g.call("sbb", rdi=g.entry(28), rsi=0x1)
+    g.call("inc", rdi=g.entry(29))
+    g.call("dec", rdi=g.entry(30))
+    g.call("not", rdi=g.entry(31))
+    g.call("neg", rdi=g.entry(32))
+    g.call("add1", rdi=g.entry(33))
+    yield g.trace()
+
+    g = guest("movnti-and-sse-stores", paging, 64, rng,
+              "MOVNTI and SSE stores (MOVUPS, MOVDQA, MOVNTDQ, MOVQ, MOVD) over entries")
+    g.entries = {i: v.pte() for i in range(40, 52)}
+    g.blob("movnti", "48 0f c3 37 c3")            # movnti [rdi], rsi
+    g.blob("movups", "0f 11 07 c3")               # movups [rdi], xmm0
+    g.blob("movdqa", "66 0f 7f 07 c3")            # movdqa [rdi], xmm0
+    g.blob("movntdq", "66 0f e7 07 c3")           # movntdq [rdi], xmm0
+    g.blob("movq", "66 0f d6 07 c3")              # movq [rdi], xmm0
+    g.blob("movd", "66 0f 7e 47 04 c3")           # movd [rdi+4], xmm0
+    pair = v.pte("kernel-rw") | v.pte("user-ro") << 64
+    g.call("movnti", rdi=g.entry(40), rsi=v.pte("user-rw"))
+    g.call("movups", rdi=g.entry(41), xmm0=pair)
+    g.call("movdqa", rdi=g.entry(44), xmm0=pair)
+    g.call("movntdq", rdi=g.entry(46), xmm0=pair)
+    g.call("movq", rdi=g.entry(48), xmm0=v.pte("kernel-ro"))
+    g.call("movd", rdi=g.entry(49), xmm0=0x8000_0000)
+    yield g.trace()
+
+    g = guest("rep-stos-to-the-page-end", paging, 64, rng,
+              "REP STOSQ reaching the end of the page: the iterations inside it, one record "
+              "per entry; then the same downwards from the start of the page")
+    g.entries = {i: v.pte() for i in (0, 1, 2, 509, 510, 511)}
+    g.blob("rep", "f3 48 ab c3")                  # rep stosq
+    g.blob("rep_down", "fd f3 48 ab fc c3")       # std; rep stosq; cld
+    g.call("rep", rdi=g.entry(509), rcx=3, rax=0)
+    g.call("rep_down", rdi=g.entry(2), rcx=3, rax=v.pte("kernel-ro"))
+    yield g.trace()
+
+
 SYNTHETIC_5LEVEL = frozenset({
     "mov-register-1-2-4-8-bytes", "cmpxchg-match-and-mismatch", "cmpxchg8b-cmpxchg16b",
     "and-or-xor", "bts-btr-btc-immediate", "addressing-rip-relative-and-absolute",
