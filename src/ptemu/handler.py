@@ -9,7 +9,8 @@ faulting GPA and GLA. The handler
 2. checks that its destination covers the faulting GLA (else `REJECTED`) and
    stays in the faulting page (else `UNSUPPORTED`; REP string instructions
    are cut at the page end instead);
-3. emulates it (Unicorn) against a snapshot of the page and commits the
+3. emulates it (ptemu's fast engine for the common instructions, Unicorn for
+   the rest) against a snapshot of the entries and commits the
    stored bytes with an atomic compare-and-store over the entries it wrote,
    starting over when an entry changed meanwhile (the CPU sets A/D bits
    behind our back), at most `max_commit_attempts` times (else `CONTENDED`);
@@ -118,9 +119,9 @@ class PtWriteHandler:
                  engine: Engine | str = DEFAULT_ENGINE) -> None:
         """`engine` is ``"auto"`` (the default: ptemu's pure-Python fast engine
         where it applies, Unicorn for the rest; the two agree bit for bit, which
-        the test suite checks) or ``"unicorn"`` (every instruction in Unicorn). `table_levels`
-        optionally maps a page-table page's GPA to its level (1 = PTE ... 5 =
-        PML5E), which lets `classify` read bit 7 as PAT or PS."""
+        the test suite checks) or ``"unicorn"`` (every instruction in Unicorn).
+        `table_levels` optionally maps a page-table page's GPA to its level
+        (1 = PTE ... 5 = PML5E), which lets `classify` read bit 7 as PAT or PS."""
         if engine not in ENGINES:
             raise UsageError(f"unknown engine {engine!r}: expected one of {ENGINES}")
         self.engine = Engine(engine)
@@ -417,9 +418,7 @@ class PtWriteHandler:
         offset = address - page[0]
         data = (value & mask_bits(8 * store.access_size)).to_bytes(store.access_size, "little")
         after = page[1][:offset] + data + page[1][offset + store.access_size:]
-        registers = dict(regs)
-        registers["rip"] = (register_value(regs, "rip") + store.length) & mask_bits(width)
-        return after, registers
+        return after, {"rip": (register_value(regs, "rip") + store.length) & mask_bits(width)}
 
     def _records(self, store: DecodedStore, regs: Mapping[str, int], window_gpa: int,
                  low: int, high: int, before: bytes, after: bytes,
