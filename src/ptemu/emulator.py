@@ -28,6 +28,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 unicorn: Any = _unicorn  # its bindings are only partly typed
 
+from ptemu.decoder.model import DecodedStore
 from ptemu.registers import GENERAL_REGISTERS, RFLAGS_RESERVED_ONE, SEGMENT_BASES, register_value
 from ptemu.values import PAGE_OFFSET_MASK, PAGE_SIZE, mask_bits, page_base
 
@@ -314,3 +315,25 @@ class UnicornEmulator:
         uc.reg_write(ux.UC_X86_REG_GDTR, (0, gdt_linear, len(table) - 1, 0))
         for name in ("ds", "es", "fs", "gs", "ss", "cs"):
             uc.reg_write(_SELECTOR_IDS[name], selectors[name])
+
+
+_ZF = 1 << 6
+
+
+def settle_engine_registers(store: DecodedStore, before: Mapping[str, int],
+                            after: dict[str, int]) -> None:
+    """Bring a run's registers to what the CPU leaves, where the engine differs.
+
+    - Unicorn 2.1 (QEMU 5) zero-extends RAX even when a 32-bit CMPXCHG in
+      64-bit code succeeds (unicorn-engine issue #2332); the CPU writes EAX
+      only on a mismatch (SDM vol. 2, CMPXCHG), so RAX stays as it was.
+    - A REP string instruction run for exactly its remaining count stops on
+      the instruction; the CPU has moved past it once the count is exhausted.
+    """
+    if store.family.name == "cmpxchg" and store.access_size == 4 and store.code_bits == 64 \
+            and after["rflags"] & _ZF:
+        after["rax"] = register_value(before, "rax")
+    if store.rep and after["rip"] == register_value(before, "rip") and \
+            after["rcx"] & mask_bits(store.destination.address_bits) == 0:
+        width = 64 if store.code_bits == 64 else 32
+        after["rip"] = (after["rip"] + store.length) & mask_bits(width)

@@ -38,7 +38,7 @@ from ptemu.decoder.model import (
     destination_address,
     linear_address,
 )
-from ptemu.emulator import UnicornEmulator
+from ptemu.emulator import UnicornEmulator, settle_engine_registers
 from ptemu.engines import DEFAULT_ENGINE, ENGINES, Engine
 from ptemu.errors import UsageError
 from ptemu.fastpath import emulate_fast
@@ -63,7 +63,6 @@ _CHECKED_NAME_SETS = 64
 _U64 = mask_bits(64)
 _U32 = mask_bits(32)
 _DF = 1 << 10
-_ZF = 1 << 6
 _CR4_PSE = 1 << 4
 _EFER_NXE = 1 << 11
 
@@ -392,18 +391,7 @@ class PtWriteHandler:
         if run.refusal is not None:
             return _Refused(Status.UNSUPPORTED, f"'{store.text}': {run.refusal}")
         registers = run.registers
-        if store.family.name == "cmpxchg" and store.access_size == 4 and store.code_bits == 64 \
-                and registers["rflags"] & _ZF:
-            # Unicorn 2.1 (QEMU 5) zero-extends RAX even when a 32-bit CMPXCHG
-            # succeeds (unicorn-engine issue #2332); the CPU writes EAX only on
-            # a mismatch (SDM vol. 2, CMPXCHG), so RAX is left as it was.
-            registers["rax"] = register_value(regs, "rax")
-        if store.rep and registers["rip"] == register_value(regs, "rip") and \
-                registers["rcx"] & mask_bits(store.destination.address_bits) == 0:
-            # The engine stops on the instruction after its last iteration; the
-            # CPU has moved past it once the count is exhausted.
-            width = 64 if store.code_bits == 64 else 32
-            registers["rip"] = (registers["rip"] + store.length) & mask_bits(width)
+        settle_engine_registers(store, regs, registers)
         return run.page, registers
 
     @staticmethod
