@@ -41,7 +41,7 @@ from ptemu.decoder.model import (
 from ptemu.emulator import UnicornEmulator, settle_engine_registers
 from ptemu.engines import DEFAULT_ENGINE, ENGINES, Engine
 from ptemu.errors import UsageError
-from ptemu.fastpath import emulate_fast
+from ptemu.fastpath import FastEmulator, compile_fast
 from ptemu.memory import GuestMemory
 from ptemu.paging.modes import PagingMode, paging_mode
 from ptemu.paging.walk import walk
@@ -81,6 +81,10 @@ class WriteEvent:
     """The bytes at RIP: the whole instruction, and more for PAE coalescing."""
     code_bits: int
     """16, 32 or 64: the operating size of the faulting code."""
+
+
+_Decoded = tuple[DecodedStore | DecodeRefusal, FastEmulator | None]
+"""A decode-cache entry: the store (or why not) and its fast-engine closure."""
 
 
 @dataclass(slots=True)
@@ -145,8 +149,7 @@ class PtWriteHandler:
         self._checked_names: set[tuple[str, ...]] = set()
         self._decoder = CapstoneDecoder()
         self._emulator = UnicornEmulator()
-        self._decode_cache: OrderedDict[tuple[int, bytes], DecodedStore | DecodeRefusal] = (
-            OrderedDict())
+        self._decode_cache: OrderedDict[tuple[int, bytes], _Decoded] = OrderedDict()
         self._decode_cache_size = decode_cache_size
 
     # -- public API ---------------------------------------------------------
@@ -202,22 +205,30 @@ class PtWriteHandler:
 
     def decode(self, code_bits: int, code: bytes) -> DecodedStore | DecodeRefusal:
         """Decode (or recall) the instruction at the start of `code`."""
+        return self._decoded(code_bits, code)[0]
+
+    def _decoded(self, code_bits: int, code: bytes) -> _Decoded:
+        """The cache entry: the decoded store and its fast-engine closure."""
         key = (code_bits, bytes(code[:15]))
         cached = self._decode_cache.get(key)
         if cached is not None:
             self._decode_cache.move_to_end(key)
             return cached
         decoded = self._decoder.decode(code_bits, code)
-        self._decode_cache[key] = decoded
+        fast = None
+        if self._fast_engine and isinstance(decoded, DecodedStore):
+            fast = compile_fast(decoded)
+        entry = (decoded, fast)
+        self._decode_cache[key] = entry
         if len(self._decode_cache) > self._decode_cache_size:
             self._decode_cache.popitem(last=False)
-        return decoded
+        return entry
 
     # -- one instruction ----------------------------------------------------
 
     def _emulate_one(self, code_bits: int, code: bytes, regs: Mapping[str, int], gpa: int,
                      gla: int) -> _Emulated | _Refused:
-        decoded = self.decode(code_bits, code)
+        decoded, fast_emulator = self._decoded(code_bits, code)
         if isinstance(decoded, DecodeRefusal):
             return _Refused(Status.UNSUPPORTED, decoded.reason)
         store = decoded
@@ -255,17 +266,13 @@ class PtWriteHandler:
         span_size = entry_high - entry_low
         first = low_offset - entry_low  # the written bytes inside the entry window
         last = high_offset - entry_low
-        fast = self._fast_engine and not store.rep and store.source is None
         for _attempt in range(self.max_commit_attempts):
             registers: dict[str, int] | None = None
-            if fast:
+            if fast_emulator is not None:  # a form the fast engine handles
                 before = self.memory.read(page_gpa + entry_low, span_size)
-                done = emulate_fast(store, regs, before[first:last])
-                if done is None:
-                    fast = False  # a form the fast engine leaves to Unicorn
-                else:
-                    after = before[:first] + done.stored + before[last:]
-                    registers = done.registers
+                done = fast_emulator(regs, before[first:last])
+                after = before[:first] + done.stored + before[last:]
+                registers = done.registers
             if registers is None:
                 snapshot = self.memory.read(page_gpa, PAGE_SIZE)
                 run = self._run(store, code, regs, [(page_gla, snapshot), *source_pages],
