@@ -421,7 +421,14 @@ class PtWriteHandler:
         """One record per entry in [low, high) of the window at `window_gpa` (an
         entry boundary), in the order the guest wrote them."""
         size = self.entry_size
-        starts = range(low - low % size, high, size)
+        start = low - low % size
+        if high <= start + size:  # one entry: most events
+            entry_gpa = window_gpa + start
+            record = WriteRecord(entry_gpa, low - start, high - low,
+                                 int.from_bytes(after[low:high], "little"),
+                                 int.from_bytes(before[start:start + size], "little"))
+            return (record,), {entry_gpa: int.from_bytes(after[start:start + size], "little")}
+        starts = range(start, high, size)
         if store.rep and register_value(regs, "rflags") & _DF:
             starts = starts[::-1]
         records = []
