@@ -190,6 +190,7 @@ class Guest:
     data_pages: list[Json] = field(default_factory=list)
     code_base: int | None = None
     """Linear address of the first snippet (default: the kernel text)."""
+    include_page_tables: bool = False
 
     def __post_init__(self) -> None:
         if self.table_gla is None:
@@ -244,6 +245,8 @@ class Guest:
             out["segments"] = {k: h(v) for k, v in self.segments.items()}
         if self.data_pages:
             out["data_pages"] = self.data_pages
+        if self.include_page_tables:
+            out["include_page_tables"] = True
         return out
 
     def trace(self) -> Trace:
@@ -508,6 +511,21 @@ def synthetic_64(paging: str, rng: random.Random) -> Iterator[Trace]:
     g.call("movdqu", rdi=g.entry(20), xmm0=v.pte("kernel-rw") | v.pte("user-ro") << 64)
     yield g.trace()
 
+
+    g = guest("rep-movsq-copy-entries", paging, 64, rng,
+              "REP MOVSQ copying entries from another page (the source found through the "
+              "guest's own page tables, which the fixture carries), DF=0 and DF=1",
+              include_page_tables=True)
+    g.entries = {i: v.pte() for i in range(60, 72)}
+    source_gpa = rng.randrange(0x0100_0000, 0x2000_0000, 0x1000)
+    source = b"".join(v.pte().to_bytes(8, "little") for _ in range(16)) + bytes(4096 - 128)
+    g.data_pages.append({"gpa": h(source_gpa), "gla": h(direct(paging, source_gpa)),
+                         "data": source.hex()})
+    g.blob("movs", "f3 48 a5 c3")                 # rep movsq
+    g.blob("movs_down", "fd f3 48 a5 fc c3")      # std; rep movsq; cld
+    g.call("movs", rdi=g.entry(60), rsi=direct(paging, source_gpa), rcx=4)
+    g.call("movs_down", rdi=g.entry(71), rsi=direct(paging, source_gpa) + 0x70, rcx=3)
+    yield g.trace()
 
     g = guest("arithmetic-read-modify-write", paging, 64, rng,
               "XADD, ADD, SUB, ADC, SBB, INC, DEC, NOT, NEG on entries, with and without LOCK")

@@ -38,7 +38,10 @@ def capture_events(spec: CaptureSpec) -> tuple[CapturedEvent, ...]:
 
 def capture(spec: CaptureSpec) -> dict[str, object]:
     """Run `spec` and return the fixture document (a JSON-ready dict)."""
-    return fixture_document(spec, capture_events(spec))
+    layout = build_layout(spec)
+    events = build_events(spec, layout, run_machine(spec, layout))
+    return fixture_document(spec, events,
+                            layout.pages if spec.include_page_tables else None)
 
 
 def capture_description(document: object, *, base_dir: Path | None = None) -> dict[str, object]:

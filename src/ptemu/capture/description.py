@@ -138,6 +138,10 @@ class CaptureSpec:
     max_instructions: int = DEFAULT_MAX_INSTRUCTIONS
     """Bound on instructions executed per call (REP iterations count each)."""
     code_window: int = DEFAULT_CODE_WINDOW
+    include_page_tables: bool = False
+    """Put the capture's own paging structures (and every other page it built)
+    in the fixture's memory, so that replay can walk them: a MOVS source is
+    found through the guest's page tables, and `ptemu walk` works on the file."""
 
     @property
     def entry_size(self) -> int:
@@ -187,6 +191,9 @@ def parse_description(document: object, *, base_dir: Path | None = None) -> Capt
     coalesce = top.get("coalesce", True)
     if not isinstance(coalesce, bool):
         raise _error("coalesce: expected true or false")
+    include_page_tables = top.get("include_page_tables", False)
+    if not isinstance(include_page_tables, bool):
+        raise _error("include_page_tables: expected true or false")
     context = _Context(paging, code_bits, base_dir or Path("."))
     code = tuple(context.code_blob(item, f"code[{i}]")
                  for i, item in enumerate(_list(top, "code", required=True)))
@@ -213,7 +220,8 @@ def parse_description(document: object, *, base_dir: Path | None = None) -> Capt
                        page_tables=page_tables, calls=calls,
                        source=_string(top, "source"), policy=policy, coalesce=coalesce,
                        data_pages=data_pages, segments=segments,
-                       max_instructions=max_instructions, code_window=code_window)
+                       max_instructions=max_instructions, code_window=code_window,
+                       include_page_tables=include_page_tables)
     _check_overlaps(spec)
     return spec
 

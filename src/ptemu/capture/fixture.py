@@ -45,8 +45,10 @@ def oracle_text(spec: CaptureSpec) -> str:
     return text
 
 
-def fixture_document(spec: CaptureSpec, events: Sequence[CapturedEvent]) -> dict[str, object]:
-    """The fixture as a JSON-ready dict."""
+def fixture_document(spec: CaptureSpec, events: Sequence[CapturedEvent],
+                     guest_pages: Mapping[int, bytes] | None = None) -> dict[str, object]:
+    """The fixture as a JSON-ready dict; `guest_pages` (the capture's own page
+    tables and other pages, GPA -> contents) go into its memory too when given."""
     source = spec.source or f"ptemu capture of {spec.name}"
     if spec.paging == "5level":
         source += (f"; 5-level oracle: Unicorn {UNICORN_VERSION} executing with CR4.LA57=1 "
@@ -58,7 +60,7 @@ def fixture_document(spec: CaptureSpec, events: Sequence[CapturedEvent]) -> dict
         "paging": spec.paging,
         "code_bits": spec.code_bits,
         "policy": spec.policy.value,
-        "memory": _memory_regions(spec),
+        "memory": _memory_regions(spec, guest_pages or {}),
         "events": [_event(event) for event in events],
         "capture": {
             "tool": "ptemu capture",
@@ -83,13 +85,17 @@ def write_fixture(document: Mapping[str, object], path: str | Path) -> None:
     target.write_text(dump_fixture(document), encoding="utf-8")
 
 
-def _memory_regions(spec: CaptureSpec) -> list[dict[str, str]]:
-    """Non-zero runs of the monitored and data pages, 8-byte granular."""
+def _memory_regions(spec: CaptureSpec, guest_pages: Mapping[int, bytes],
+                    ) -> list[dict[str, str]]:
+    """Non-zero runs of the monitored and data pages (and of `guest_pages`,
+    when given), 8-byte granular; the described pages come last, so they win."""
+    pages = {gpa: bytes(data) for gpa, data in guest_pages.items()}
+    for page in spec.page_tables + spec.data_pages:
+        pages[page.gpa] = page.data
     regions: list[dict[str, str]] = []
-    for page in sorted(spec.page_tables + spec.data_pages, key=lambda p: p.gpa):
-        for start, end in _nonzero_runs(page.data):
-            regions.append({"gpa": hex_int(page.gpa + start),
-                            "data": page.data[start:end].hex()})
+    for gpa in sorted(pages):
+        for start, end in _nonzero_runs(pages[gpa]):
+            regions.append({"gpa": hex_int(gpa + start), "data": pages[gpa][start:end].hex()})
     return regions
 
 
