@@ -11,7 +11,7 @@ generation does (SDM vol. 1, 3.7.5 and vol. 3, 3.4).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ptemu.decoder.families import Family
 from ptemu.registers import register_value
@@ -25,9 +25,14 @@ class SubRegister:
     full: str
     shift: int
     bits: int
+    mask: int = field(init=False, repr=False, compare=False)
+    """``(1 << bits) - 1``, kept so that address generation does no call per read."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask", mask_bits(self.bits))
 
     def read(self, registers: Mapping[str, int]) -> int:
-        return (register_value(registers, self.full) >> self.shift) & mask_bits(self.bits)
+        return (register_value(registers, self.full) >> self.shift) & self.mask
 
 
 def _build_sub_registers() -> dict[str, SubRegister]:
@@ -63,8 +68,7 @@ def _build_sub_registers() -> dict[str, SubRegister]:
 SUB_REGISTERS: dict[str, SubRegister] = _build_sub_registers()
 """Every register name Capstone may print for an operand we read."""
 
-# Address generation runs once per event: plain tuples and masks, no calls.
-_READERS = {name: (sub.full, sub.shift, mask_bits(sub.bits)) for name, sub in SUB_REGISTERS.items()}
+# Address generation runs once per event: plain masks, no calls.
 _RIP_NAMES = frozenset({"rip", "eip"})
 _ADDRESS_MASKS = {16: mask_bits(16), 32: mask_bits(32), 64: mask_bits(64)}
 _U32 = mask_bits(32)
@@ -129,11 +133,11 @@ def linear_address(operand: MemoryOperand, registers: Mapping[str, int], code_bi
     else:
         offset = operand.displacement
         if operand.base is not None:
-            full, shift, mask = _READERS[operand.base]
-            offset += (registers.get(full, 0) >> shift) & mask
+            base = SUB_REGISTERS[operand.base]
+            offset += (registers.get(base.full, 0) >> base.shift) & base.mask
         if operand.index is not None:
-            full, shift, mask = _READERS[operand.index]
-            offset += ((registers.get(full, 0) >> shift) & mask) * operand.scale
+            index = SUB_REGISTERS[operand.index]
+            offset += ((registers.get(index.full, 0) >> index.shift) & index.mask) * operand.scale
     offset &= _ADDRESS_MASKS[operand.address_bits]
     if code_bits == 64:
         if operand.segment in ("fs", "gs"):
