@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import require_mode
 
+from conftest import require_mode
 from ptemu.kvm.asm import RAX, RDI, Assembler
 from ptemu.kvm.layout import GuestLayout
 from ptemu.kvm.programs import GuestProgram

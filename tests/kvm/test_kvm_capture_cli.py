@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import require_mode
 
+from conftest import require_mode
 from ptemu.cli import main
 from ptemu.fixtures import Outcome, load_fixture, replay_fixture
 from ptemu.kvm.capture import save_fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from conftest import require_mode
-
 from ptemu.kvm.layout import GuestLayout
 from ptemu.kvm.machine import GuestMachine
 from ptemu.kvm.programs import stress_program

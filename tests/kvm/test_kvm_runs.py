@@ -10,8 +10,8 @@ when the page tables are ordinary writable memory.
 from __future__ import annotations
 
 import pytest
-from conftest import require_mode
 
+from conftest import require_mode
 from ptemu.kvm.layout import GuestLayout
 from ptemu.kvm.programs import stress_program
 from ptemu.kvm.runner import RunLimits, StopReason, run_guest
