@@ -3,7 +3,10 @@ table, and real runs (hand-made records, then the corpus's Debian records)."""
 
 from __future__ import annotations
 
+import fnmatch
 import struct
+import tomllib
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -102,6 +105,18 @@ def test_the_debian_records_are_installed_with_the_package():
     set_pte = next(r for r in records
                    if r["flavour"] == "amd64" and r["function"] == "native_set_pte")
     assert set_pte["runtime"][0]["bytes"].startswith("488937")
+
+
+def test_the_records_are_package_data():
+    # `pip install .` copies only the files pyproject's package-data names; the
+    # records must be among them (a fresh venv then runs `ptemu kvm run
+    # --program kernel` without the source tree).
+    root = Path(__file__).resolve().parents[2]
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config["tool"]["setuptools"]["package-data"]["ptemu"]
+    relative = PurePosixPath("kvm/data/kernel_writers.json")
+    assert (root / "src" / "ptemu" / relative).is_file()
+    assert any(fnmatch.fnmatch(str(relative), pattern) for pattern in patterns), patterns
 
 
 def test_unreadable_records_file(tmp_path):

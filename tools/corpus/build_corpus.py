@@ -51,7 +51,7 @@ from ptemu.capture import capture_description as _capture_description
 from ptemu.capture import dump_fixture
 
 CORPUS = ROOT / "src" / "ptemu" / "corpus"
-KERNEL_WRITERS = ROOT / "tools" / "corpus" / "kernel_writers.json"
+KERNEL_WRITERS = ROOT / "src" / "ptemu" / "kvm" / "data" / "kernel_writers.json"
 SEED = 0x5EED_2024
 
 Json = dict[str, Any]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
-import ptemu
 from ptemu.errors import UsageError
 from ptemu.kvm.kernel import kernel_program, load_kernel_writers, select_writers
 from ptemu.kvm.layout import GuestLayout
@@ -15,28 +16,31 @@ PROGRAM_NAMES: tuple[str, ...] = ("stress", "kernel")
 kernel page-table writers from the corpus records."""
 
 WRITERS_FILE = "kernel_writers.json"
+"""The Debian kernel-writer records shipped in the package (``ptemu/kvm/data/``),
+written there by the corpus tools (tools/corpus/README.md)."""
 
 
-def writer_files() -> list[Path]:
-    """Where kernel-writer records are looked for, in order: the packaged corpus,
-    then the source tree's tools/corpus (an editable install)."""
-    package = Path(ptemu.__file__).resolve().parent
-    found = sorted((package / "corpus").rglob("kernel_writers*.json"))
-    tree = package.parents[1] / "tools" / "corpus" / WRITERS_FILE
-    if tree.is_file():
-        found.append(tree)
-    return found
+def packaged_writers() -> Traversable:
+    """The kernel-writer records installed with ptemu (``ptemu/kvm/data/``)."""
+    return resources.files("ptemu.kvm").joinpath("data", WRITERS_FILE)
 
 
-def find_writers_file(path: str | None) -> Path:
-    """`path`, or the first of `writer_files`; raises `UsageError` when there is none."""
+def writer_files() -> list[Traversable]:
+    """Where kernel-writer records are found: the file installed with the package
+    (an empty list only when an installation left it out)."""
+    packaged = packaged_writers()
+    return [packaged] if packaged.is_file() else []
+
+
+def find_writers_file(path: str | None) -> Path | Traversable:
+    """`path`, or the packaged records; raises `UsageError` when there are none."""
     if path is not None:
         return Path(path)
     files = writer_files()
     if not files:
         raise UsageError(
-            f"no {WRITERS_FILE} found in ptemu's corpus or tools/corpus: give --writers PATH "
-            "(made by tools/corpus/extract_kernel_writers.py)")
+            f"this ptemu installation has no ptemu/kvm/data/{WRITERS_FILE}: reinstall "
+            "ptemu, or give --writers PATH")
     return files[0]
 
 

@@ -1,8 +1,9 @@
 """Linux's own page-table writers, run under KVM at their linked addresses.
 
-The function bytes come from the corpus's kernel-writer records (written by
-tools/corpus/extract_kernel_writers.py from Debian kernel packages, so no
-kernel image is needed here): each record has the function's linked address,
+The function bytes come from the kernel-writer records shipped in
+``ptemu/kvm/data/kernel_writers.json`` (extracted by the corpus tools from
+Debian kernel packages, tools/corpus/README.md, so no kernel image is needed
+here): each record has the function's linked address,
 its prototype, where each argument lives at entry, and ``runtime`` variants
 with the bytes as the booted kernel has them (ftrace's ``call __fentry__``
 patched to a NOP, return-thunk jumps to ``ret``, alternatives applied).
@@ -24,6 +25,7 @@ import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +146,10 @@ def _globals_read(address: int, lines: Iterable[str]) -> tuple[list[tuple[int, s
     return found, ""
 
 
-def load_kernel_writers(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``kernel_writers.json`` file; raises `UsageError` naming it."""
-    target = Path(path)
+def load_kernel_writers(path: str | Path | Traversable) -> list[dict[str, Any]]:
+    """The records of a ``kernel_writers.json`` file (a path, or the resource
+    installed with the package); raises `UsageError` naming it."""
+    target = Path(path) if isinstance(path, str) else path
     try:
         records = json.loads(target.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
