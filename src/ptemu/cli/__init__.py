@@ -18,6 +18,7 @@ from ptemu.errors import PtemuError
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ptemu.cli.replay",
     "ptemu.cli.paging",
+    "ptemu.cli.monitor",
     "ptemu.cli.capture",
     "ptemu.cli.bench",
     "ptemu.cli.kvm",
