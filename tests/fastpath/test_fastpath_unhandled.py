@@ -46,6 +46,6 @@ def test_odd_records_give_none() -> None:
     assert emulate_fast(dataclasses.replace(xchg, source_register="esi"), REGS, bytes(8)) is None
     mov = decode("48 89 37")
     assert emulate_fast(dataclasses.replace(mov, access_size=16), REGS, bytes(16)) is None
-    assert emulate_fast(dataclasses.replace(mov, mnemonic="movabs"), REGS, bytes(8)) is None
+    assert emulate_fast(dataclasses.replace(mov, mnemonic="movsx"), REGS, bytes(8)) is None
     add = decode("48 01 37")
     assert emulate_fast(dataclasses.replace(add, source_register=None), REGS, bytes(8)) is None

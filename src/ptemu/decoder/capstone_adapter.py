@@ -89,20 +89,79 @@ def _memory_operand(instruction: Any, operand: Any, *, string_destination: bool)
 
 
 _LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
+_OPERAND_SIZE = 0x66
+_EVEX = 0x62
+_EVEX_REFUSED_BITS = 0x97
+"""EVEX byte P2 bits z (7), b (4) and aaa (2:0): zeroing, broadcast/rounding
+and the opmask register. ptemu's register set has no opmask registers, so a
+masked store cannot be emulated exactly; z and b on a store are #UD or change
+its meaning."""
 
 
-def _has_lock_prefix(encoding: bytes, code_bits: int) -> bool:
-    """Whether a LOCK byte stands among the legacy prefixes.
+@dataclass(frozen=True, slots=True)
+class Prefixes:
+    """The prefixes of one instruction, read from its bytes (not from Capstone).
 
     Capstone reports one group-1 prefix (the last of LOCK/REP/REPNE), so
-    ``f0 f3 89 37`` would look unlocked; the prefix bytes themselves tell.
+    ``f0 f3 89 37`` would look unlocked, and it lets F2/F3 change the operand
+    size it reports for some two-byte opcodes; the bytes themselves tell.
     """
-    for byte in encoding:
-        if byte == _LOCK:
-            return True
-        if byte not in _LEGACY_PREFIXES:
-            return False
-    return False
+
+    legacy: bytes
+    """The legacy prefix bytes in order."""
+    rex: int
+    """The REX byte (64-bit code, immediately before the opcode), or 0."""
+    opcode: int
+    """Offset of the first byte after the prefixes (the opcode, VEX or EVEX)."""
+
+    @property
+    def lock(self) -> bool:
+        return _LOCK in self.legacy
+
+    def operand_size(self, code_bits: int) -> int:
+        """Bytes of a general-purpose operand that is not a byte form (SDM vol. 1,
+        3.6.1 and vol. 2, 2.2.1.2): REX.W gives 8; else 0x66 toggles the default,
+        2 in 16-bit code and 4 in 32/64-bit code. F2/F3 play no part."""
+        if self.rex & 0x8:
+            return 8
+        sixteen = (code_bits == 16) != (_OPERAND_SIZE in self.legacy)
+        return 2 if sixteen else 4
+
+
+def read_prefixes(encoding: bytes, code_bits: int) -> Prefixes:
+    """Split `encoding`'s legacy prefixes and REX from the rest.
+
+    A REX byte followed by a legacy prefix is not a REX prefix of this
+    instruction (SDM vol. 2, 2.2.1: REX must immediately precede the opcode);
+    the CPU ignores it.
+    """
+    rex = 0
+    legacy = bytearray()
+    for offset, byte in enumerate(encoding):
+        if byte in _LEGACY_PREFIXES:
+            legacy.append(byte)
+            rex = 0
+        elif code_bits == 64 and 0x40 <= byte <= 0x4F:
+            rex = byte
+        else:
+            return Prefixes(bytes(legacy), rex, offset)
+    return Prefixes(bytes(legacy), rex, len(encoding))
+
+
+_PTR_WORDS = {1: "byte ptr", 2: "word ptr", 4: "dword ptr", 8: "qword ptr"}
+_SIZED_NAMES = {(sub.full, sub.shift, sub.bits): name for name, sub in SUB_REGISTERS.items()}
+
+
+def _sized(name: str, size: int) -> str:
+    """The name of `name`'s register at `size` bytes (``esi`` at 2 is ``si``).
+
+    Capstone names the register right even where it misreports the memory
+    operand's size; this keeps the two consistent whatever it reports.
+    """
+    sub = SUB_REGISTERS[name]
+    if sub.full.startswith(("xmm", "ymm")) or sub.full == "rip" or sub.shift:
+        return name
+    return _SIZED_NAMES.get((sub.full, 0, 8 * size), name)
 
 
 class _Unsupported(Exception):
@@ -134,11 +193,21 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
     except _Unsupported as refusal:
         return DecodeRefusal(f"'{text}': {refusal}")
     prefix = instruction.prefix[0]
-    lock = _has_lock_prefix(bytes(instruction.bytes), code_bits)
+    encoding = bytes(instruction.bytes)
+    prefixes = read_prefixes(encoding, code_bits)
+    lock = prefixes.lock
     if lock and family.access is not Access.READ_MODIFY_WRITE:
         # SDM vol. 2, LOCK: #UD unless the instruction is a read-modify-write
         # with a memory destination, so these bytes never store anything.
         return DecodeRefusal(f"'{text}': LOCK on {name} raises #UD")
+    if encoding[prefixes.opcode:prefixes.opcode + 1] == bytes([_EVEX]) \
+            and family.register_store and len(encoding) > prefixes.opcode + 3 \
+            and encoding[prefixes.opcode + 3] & _EVEX_REFUSED_BITS:
+        return DecodeRefusal(f"'{text}': an EVEX store with an opmask, zeroing or "
+                             "broadcast is not emulated (no opmask registers)")
+    access_size = destination.size
+    if family.integer and access_size != 1:
+        access_size = prefixes.operand_size(code_bits)
     other_operands = [op for i, op in enumerate(operands) if i != destination_index]
     source_register = None
     immediate = None
@@ -147,11 +216,15 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
         if operand.type == x86_const.X86_OP_REG:
             source_register = instruction.reg_name(operand.reg)
         elif operand.type == x86_const.X86_OP_IMM:
-            immediate = operand.imm & ((1 << (8 * destination.size)) - 1)
-    if family.bit_test and source_register is not None:
-        bit_offset_register = source_register
+            immediate = operand.imm & ((1 << (8 * access_size)) - 1)
     if source_register is not None and source_register not in SUB_REGISTERS:
         return DecodeRefusal(f"'{text}': register {source_register} is not supported")
+    if family.integer and source_register is not None and access_size != 1:
+        source_register = _sized(source_register, access_size)
+    if access_size != destination.size and destination.size in _PTR_WORDS:
+        text = text.replace(_PTR_WORDS[destination.size], _PTR_WORDS.get(access_size, "?"), 1)
+    if family.bit_test and source_register is not None:
+        bit_offset_register = source_register
     return DecodedStore(
         family=family,
         mnemonic=instruction.mnemonic,
@@ -159,7 +232,7 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
         length=instruction.size,
         code_bits=code_bits,
         destination=memory,
-        access_size=destination.size,
+        access_size=access_size,
         rep=family.string and prefix in _REP_PREFIXES,
         lock=lock,
         bit_offset_register=bit_offset_register,

@@ -63,6 +63,11 @@ class Family:
     """The CPU raises #GP(0) when the destination is not aligned to this."""
     in_seed: bool = False
     """The seed's own fast emulator handles this family."""
+    integer: bool = False
+    """A general-purpose integer instruction whose operand size (when not a
+    byte form) follows from the prefixes and the code size alone: REX.W gives
+    8 bytes, else 0x66 toggles the default (2 bytes in 16-bit code, 4 otherwise).
+    F2/F3 (REP, XACQUIRE/XRELEASE) never change it (SDM vol. 1, 3.6.1)."""
     register_store: bool = False
     """Emulated by ptemu itself: the store writes the low bytes of its source
     register and changes nothing else (Unicorn 2.1's CPU model has no VEX)."""
@@ -72,31 +77,35 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("mov", frozenset({"mov"}), Access.STORE, pae_second_half=True, in_seed=True),
+    # MOV, MOVABS: Capstone names the moffs forms (A2/A3) with a 64-bit address "movabs".
+    Family("mov", frozenset({"mov", "movabs"}), Access.STORE, pae_second_half=True,
+           in_seed=True, integer=True),
     Family("stos", frozenset({"stosb", "stosw", "stosd", "stosq"}), Access.STORE,
-           string=True, in_seed=True),
-    Family("movs", frozenset({"movsb", "movsw", "movsd", "movsq"}), Access.STORE, string=True),
+           string=True, in_seed=True, integer=True),
+    Family("movs", frozenset({"movsb", "movsw", "movsd", "movsq"}), Access.STORE, string=True,
+           integer=True),
     Family("xchg", frozenset({"xchg"}), Access.READ_MODIFY_WRITE,
-           memory_position=MemoryPosition.EITHER, pae_second_half=True, in_seed=True),
+           memory_position=MemoryPosition.EITHER, pae_second_half=True, in_seed=True,
+           integer=True),
     # CMPXCHG: flags as CMP (all six defined).
     Family("cmpxchg", frozenset({"cmpxchg"}), Access.READ_MODIFY_WRITE,
-           pae_second_half=True, in_seed=True),
+           pae_second_half=True, in_seed=True, integer=True),
     # CMPXCHG8B/16B: ZF only; CF PF AF SF OF unaffected.
     Family("cmpxchg8b", frozenset({"cmpxchg8b"}), Access.READ_MODIFY_WRITE, in_seed=True),
     Family("cmpxchg16b", frozenset({"cmpxchg16b"}), Access.READ_MODIFY_WRITE, alignment=16),
     # AND/OR/XOR: OF=CF=0, SF ZF PF by result, AF undefined.
     Family("logic", frozenset({"and", "or", "xor"}), Access.READ_MODIFY_WRITE,
-           undefined_flags=AF, in_seed=True),
+           undefined_flags=AF, in_seed=True, integer=True),
     # BTS/BTR/BTC: CF = the old bit, ZF unaffected, OF SF AF PF undefined.
     Family("bit-test", frozenset({"bts", "btr", "btc"}), Access.READ_MODIFY_WRITE,
-           undefined_flags=OF | SF | AF | PF, bit_test=True, in_seed=True),
+           undefined_flags=OF | SF | AF | PF, bit_test=True, in_seed=True, integer=True),
     # ADD/SUB/ADC/SBB/NEG/XADD: all six status flags by result.
     Family("arithmetic", frozenset({"add", "sub", "adc", "sbb", "neg", "xadd"}),
-           Access.READ_MODIFY_WRITE),
+           Access.READ_MODIFY_WRITE, integer=True),
     # INC/DEC: CF unaffected, the others by result.
-    Family("inc-dec", frozenset({"inc", "dec"}), Access.READ_MODIFY_WRITE),
+    Family("inc-dec", frozenset({"inc", "dec"}), Access.READ_MODIFY_WRITE, integer=True),
     # NOT: no flags.
-    Family("not", frozenset({"not"}), Access.READ_MODIFY_WRITE),
+    Family("not", frozenset({"not"}), Access.READ_MODIFY_WRITE, integer=True),
     Family("movnti", frozenset({"movnti"}), Access.STORE),
     Family("vector-store", frozenset({"movd", "movq", "movdqu", "movups", "movupd", "movlps",
                                       "movlpd", "movhps", "movhpd"}), Access.STORE),

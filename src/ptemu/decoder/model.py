@@ -120,18 +120,21 @@ class DecodedStore:
 
 
 def linear_address(operand: MemoryOperand, registers: Mapping[str, int], code_bits: int,
-                   next_rip: int) -> int:
+                   next_rip: int, extra: int = 0) -> int:
     """The linear address `operand` designates for the guest's `registers`.
 
-    Effective address = base + index*scale + displacement, truncated to the
-    address size; RIP-relative counts from the next instruction. Then the
-    segment base is added: in 64-bit code only FS and GS have one (SDM vol. 3,
-    3.4.4); in 16/32-bit code the result wraps at 4 GiB.
+    Effective address = base + index*scale + displacement (+ `extra`, the
+    bit-base displacement of BTS/BTR/BTC), truncated to the address size;
+    RIP-relative counts from the next instruction. Then the segment base is
+    added: in 64-bit code only FS and GS have one (SDM vol. 3, 3.4.4); in
+    16/32-bit code the result wraps at 4 GiB. So a 16-bit offset wraps within
+    64 KiB before the base is added, and a 32-bit one in 64-bit code (0x67)
+    is zero-extended.
     """
     if operand.base in _RIP_NAMES:
-        offset = next_rip + operand.displacement
+        offset = next_rip + operand.displacement + extra
     else:
-        offset = operand.displacement
+        offset = operand.displacement + extra
         if operand.base is not None:
             base = SUB_REGISTERS[operand.base]
             offset += (registers.get(base.full, 0) >> base.shift) & base.mask
@@ -157,13 +160,15 @@ def destination_address(store: DecodedStore, registers: Mapping[str, int], rip: 
 
     For BTS/BTR/BTC with a register bit offset the CPU addresses the
     operand-sized unit that holds the bit (SDM vol. 2, "BT", bit-base
-    addressing): base address + operand size * floor(offset / operand bits).
+    addressing): base address + operand size * floor(offset / operand bits),
+    the displacement taking part in the effective address, so that the sum
+    wraps at the address size (host CPU: ``67 0f ab 07`` in 64-bit code with
+    EDI = 0 and EAX = -32 writes at 0xfffffffc) before any segment base.
     """
     next_rip = (rip + store.length) & mask_bits(64 if store.code_bits == 64 else 32)
-    address = linear_address(store.destination, registers, store.code_bits, next_rip)
+    extra = 0
     if store.bit_offset_register is not None:
         bits = store.access_size * 8
         offset = signed(SUB_REGISTERS[store.bit_offset_register].read(registers), bits)
-        address += store.access_size * (offset // bits)
-        address &= mask_bits(64 if store.code_bits == 64 else 32)
-    return address
+        extra = store.access_size * (offset // bits)
+    return linear_address(store.destination, registers, store.code_bits, next_rip, extra)
