@@ -59,10 +59,11 @@ def validate_registers(registers: Mapping[str, int], *, require_rip: bool = True
         out[name] = value
     if require_rip and "rip" not in out:
         raise UsageError("registers: 'rip' is required")
-    for index in range(16):
-        xmm, ymm = out.get(f"xmm{index}"), out.get(f"ymm{index}")
-        if xmm is not None and ymm is not None and ymm & ((1 << 128) - 1) != xmm:
-            raise UsageError(f"registers: xmm{index} and the low half of ymm{index} differ")
+    for name, ymm in out.items():
+        if name.startswith("ymm"):
+            xmm = out.get("x" + name[1:])
+            if xmm is not None and ymm & ((1 << 128) - 1) != xmm:
+                raise UsageError(f"registers: {'x' + name[1:]} and the low half of {name} differ")
     return out
 
 
