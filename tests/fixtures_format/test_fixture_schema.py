@@ -102,6 +102,8 @@ GOOD: dict[str, Edit] = {
     "policy-hvmi": _edit(policy="hvmi"),
     "unknown-keys": _edit(comment={"anything": [1, 2]}),
     "empty-memory": _edit(memory=[]),
+    "zero-events": _edit(events=[]),       # a memory image kept for ptemu walk
+    "capture-coalesce-off": _edit(capture={"tool": "x", "coalesce": False}),
     "patches": _event_edit(memory=[{"gpa": 0, "data": ""}, {"gpa": "0x10", "data": "6 7"}]),
     "no-expect": _drop_event_key("expect"),
     "empty-expect": _event_edit(expect={}),
@@ -131,7 +133,7 @@ BAD: dict[str, Edit] = {
     "code-bits-8": _edit(code_bits=8),
     "no-memory": _drop("memory"),
     "no-events": _drop("events"),
-    "zero-events": _edit(events=[]),
+    "capture-coalesce-string": _edit(capture={"coalesce": "no"}),
     "policy-unknown": _edit(policy="seed"),
     "negative-gpa": _event_edit(gpa=-1),
     "decimal-string": _event_edit(gpa="16372"),
