@@ -10,6 +10,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "ptemu"
 
 LAYERS = {
     "errors": 0, "engines": 0, "status": 0, "values": 0, "registers": 0, "memory": 0,
+    "atomic": 0,
     "paging": 1, "writestate": 1, "results": 1,
     "decoder.families": 2, "decoder.model": 2,
     "decoder.capstone_adapter": 3, "emulator": 3, "fastpath": 3, "bench": 5,
