@@ -54,7 +54,7 @@ def _logic_flags(result: int) -> int:
         flags |= _ZF
     if result >> 63:
         flags |= _SF
-    if bin(result & 0xFF).count("1") % 2 == 0:
+    if (result & 0xFF).bit_count() % 2 == 0:
         flags |= _PF
     return flags
 
