@@ -87,11 +87,11 @@ def run_end_to_end(events: int = 20000, naive_events: int = 2000, rounds: int = 
 def render_end_to_end(figures: dict[str, Any]) -> str:
     """The figures as the lines `ptemu bench --end-to-end` prints."""
     return "\n".join([
-        f"end to end ({figures['events']}-event trace, whole processes, "
-        "a 1-event run subtracted):",
+        (f"end to end ({figures['events']}-event trace, whole processes, "
+        "a 1-event run subtracted):"),
         f"  ptemu replay   {figures['ptemu_us_per_event']:>9.2f} us/event",
-        f"  naive script   {figures['naive_us_per_event']:>9.2f} us/event "
-        f"({figures['naive_events']} events)",
+        (f"  naive script   {figures['naive_us_per_event']:>9.2f} us/event "
+        f"({figures['naive_events']} events)"),
         f"  ratio          {figures['ratio']}x",
         f"  start-up       {figures['startup_s']} s (ptemu replay of 1 event)",
     ])
