@@ -7,9 +7,9 @@ a monitored run (every guest write to them exits as KVM_EXIT_MMIO) or
 writable in an unmonitored one (the CPU writes them directly).
 
 `KvmGuestMemory` is the `ptemu.memory.GuestMemory` the handler commits
-through: plain reads and writes of the memslots' backing memory. Its
-compare-and-store is atomic because the single vCPU is stopped in user space
-whenever the handler runs.
+through: plain reads and writes of the memslots' backing memory, and the
+hardware's compare-and-exchange for the commit (atomic with respect to vCPUs
+that keep running while the handler works).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from typing import Self
 
 from ptemu.errors import UsageError
-from ptemu.kvm.device import GuestRegion, KvmSystem, KvmUnavailable, VcpuHandle, Vm
+from ptemu.kvm.device import KvmSystem, KvmUnavailable, VcpuHandle, Vm
 from ptemu.kvm.layout import (
     CR0_PG,
     CR4_LA57,
@@ -29,7 +29,7 @@ from ptemu.kvm.layout import (
     build_tables,
 )
 from ptemu.kvm.programs import GuestProgram
-from ptemu.memory import InMemoryGuestMemory
+from ptemu.memory import InMemoryGuestMemory, MappedGuestMemory
 from ptemu.paging.modes import ModeName
 
 RAM_SLOT = 0
@@ -37,47 +37,20 @@ MONITORED_SLOT = 1
 RFLAGS_RESERVED = 0x2
 
 
-class KvmGuestMemory:
+class KvmGuestMemory(MappedGuestMemory):
     """Guest-physical memory of a `Vm`, as the handler's `GuestMemory`.
 
-    Bytes outside every memslot read as zero and cannot be written.
+    A `MappedGuestMemory` over the memslots' `mmap` regions, so its
+    compare-and-store is the hardware's compare-and-exchange: atomic with
+    respect to running vCPUs (their locked instructions and the page walker's
+    A/D updates), not only to a stopped one. Bytes outside every memslot read
+    as zero and cannot be written. The regions are not pinned, because the
+    `Vm` unmaps them when it closes; a call after that raises `UsageError`.
     """
 
     def __init__(self, vm: Vm) -> None:
-        self._regions = tuple(vm.regions.values())
-
-    def _region(self, gpa: int, size: int) -> GuestRegion | None:
-        for region in self._regions:
-            if region.contains(gpa, size):
-                return region
-        return None
-
-    def read(self, gpa: int, size: int) -> bytes:
-        region = self._region(gpa, size)
-        if region is None:
-            out = bytearray(size)
-            for index in range(size):  # straddles slots or reads unbacked bytes
-                one = self._region(gpa + index, 1)
-                if one is not None:
-                    out[index] = one.buffer[gpa + index - one.gpa]
-            return bytes(out)
-        start = gpa - region.gpa
-        return region.buffer[start:start + size]
-
-    def write(self, gpa: int, data: bytes) -> None:
-        region = self._region(gpa, len(data))
-        if region is None:
-            raise ValueError(f"write of {len(data)} bytes at {gpa:#x}: no memslot holds it")
-        start = gpa - region.gpa
-        region.buffer[start:start + len(data)] = data
-
-    def compare_and_store(self, gpa: int, expected: bytes, new: bytes) -> bool:
-        if len(expected) != len(new):
-            raise ValueError("compare_and_store: expected and new differ in length")
-        if self.read(gpa, len(expected)) != expected:
-            return False
-        self.write(gpa, new)
-        return True
+        super().__init__(((region.gpa, region.buffer) for region in vm.regions.values()),
+                         pin=False)
 
 
 def guest_image(layout: GuestLayout, program: GuestProgram) -> tuple[InMemoryGuestMemory, int]:
