@@ -35,6 +35,10 @@ from ptemu.paging.modes import ModeName
 RAM_SLOT = 0
 MONITORED_SLOT = 1
 RFLAGS_RESERVED = 0x2
+MAX_VCPUS = 8
+"""vCPUs a `GuestMachine` creates at most (``ptemu kvm run --vcpus``)."""
+STACK_PER_VCPU = PAGE
+"""Stack bytes each vCPU gets below `GuestLayout.stack_top_gpa` (vCPU i at top - i pages)."""
 
 
 class KvmGuestMemory(MappedGuestMemory):
@@ -80,14 +84,23 @@ def guest_image(layout: GuestLayout, program: GuestProgram) -> tuple[InMemoryGue
 
 
 class GuestMachine:
-    """One VM with one vCPU running `program` in `layout`'s mode.
+    """One VM with `vcpus` vCPUs (default 1) running `program` in `layout`'s mode.
+
+    Every vCPU starts at the program's first instruction in the same mode,
+    with the program's registers plus its own `GuestProgram.vcpu_registers`
+    and its own stack page; `vcpu` is the first.
 
     Raises `KvmUnavailable` when this host's KVM cannot run the mode (no
     LA57 for 5-level paging; a KVM that refuses CR0.PG outside long mode).
     """
 
     def __init__(self, system: KvmSystem, layout: GuestLayout, program: GuestProgram, *,
-                 monitored: bool) -> None:
+                 monitored: bool, vcpus: int = 1) -> None:
+        if not 1 <= vcpus <= MAX_VCPUS:
+            raise UsageError(f"vcpus: {vcpus} is not in 1..{MAX_VCPUS}")
+        if program.vcpu_registers and len(program.vcpu_registers) != vcpus:
+            raise UsageError(f"program {program.name} is built for "
+                             f"{len(program.vcpu_registers)} vCPUs, not {vcpus}")
         if layout.mode.name is ModeName.LEVEL5 and not system.has_la57():
             raise KvmUnavailable("5-level paging needs LA57, and this host's KVM does not offer "
                                  "it (CPUID.(EAX=07H,ECX=0):ECX[16] = 0)")
@@ -103,17 +116,20 @@ class GuestMachine:
             self.memory = KvmGuestMemory(self.vm)
             for page in image.pages():
                 self.memory.write(page, image.read(page, PAGE))
-            self.vcpu: VcpuHandle = self.vm.create_vcpu()
-            self._enter_mode()
+            self.vcpus: tuple[VcpuHandle, ...] = tuple(
+                self.vm.create_vcpu() for _ in range(vcpus))
+            self.vcpu: VcpuHandle = self.vcpus[0]
+            for index, vcpu in enumerate(self.vcpus):
+                self._enter_mode(vcpu, index)
         except BaseException:
             self.vm.close()
             raise
 
-    def _enter_mode(self) -> None:
-        sregs = self.vcpu.get_sregs()
+    def _enter_mode(self, vcpu: VcpuHandle, index: int) -> None:
+        sregs = vcpu.get_sregs()
         build_sregs(self.layout, self.cr3, sregs)
-        self.vcpu.set_sregs(sregs)
-        loaded = self.vcpu.get_sregs()
+        vcpu.set_sregs(sregs)
+        loaded = vcpu.get_sregs()
         if not loaded.cr0 & CR0_PG or (loaded.cr4 & CR4_LA57) != (sregs.cr4 & CR4_LA57):
             raise KvmUnavailable(
                 f"this host's KVM does not run {self.layout.mode.name} paging: it kept "
@@ -121,9 +137,12 @@ class GuestMachine:
                 f"CR0={sregs.cr0:#x} CR4={sregs.cr4:#x} EFER={sregs.efer:#x}"
                 + _backend_hint())
         registers = dict(self.program.registers)
-        registers.update(rip=self.layout.text, rsp=self.layout.gla_of(self.layout.stack_top_gpa),
+        if self.program.vcpu_registers:
+            registers.update(self.program.vcpu_registers[index])
+        stack_top = self.layout.stack_top_gpa - index * STACK_PER_VCPU
+        registers.update(rip=self.layout.text, rsp=self.layout.gla_of(stack_top),
                          rflags=RFLAGS_RESERVED)
-        self.vcpu.set_regs(registers)
+        vcpu.set_regs(registers)
 
     def monitored_bytes(self) -> bytes:
         """The monitored pages as they are now."""

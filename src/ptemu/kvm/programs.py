@@ -59,6 +59,9 @@ class GuestProgram:
     """Placed at `GuestLayout.heap_gpa` (reached through the direct map)."""
     description: str = ""
     """What the program runs, in words (for reports)."""
+    vcpu_registers: tuple[Mapping[str, int], ...] = ()
+    """Per-vCPU registers over `registers`, one mapping per vCPU: a program for
+    several vCPUs (`shared_program`) runs on exactly this many. Empty: one vCPU."""
 
 
 def initial_entries(layout: GuestLayout, seed: int) -> bytes:
