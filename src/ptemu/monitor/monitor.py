@@ -1,0 +1,419 @@
+"""`TranslationMonitor`: EPT write protection and translation changes over the handler.
+
+An introspection engine asks to be told when the translation of chosen linear
+ranges changes (`watch`, the seed's ``hook_pts``) or of a whole address space
+or one half of it (`watch_space`, the seed's VAS monitor). The monitor walks
+the hierarchy from CR3, protects every paging-structure page a watched range
+reaches (through a `PageProtector`), and is what the hypervisor's EPT write
+violation exit calls (`handle_ept_write`). It has the write emulated by its
+`PtWriteHandler` and then, from memory as it now is, recomputes the
+translation under every written entry and reports what changed
+(semantics.md section 5).
+
+**Timing.** ``timing="cpu"`` (the default) reports after every emulated
+write, complete or partial, because the CPU uses an entry as memory holds it
+even half-written; a change caused by a partially written entry is marked
+``partial``, and a table a partial write links is protected at once.
+``timing="seed"`` reports only when the handler completes an entry, as the
+seed does; a partially written entry keeps its old value in the view until
+then.
+
+Addresses: the API takes and reports canonical linear addresses; internally an
+address space is one flat interval (4-/5-level addresses truncated to 48 or 57
+bits). Watched ranges are widened to whole 4 KiB pages.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+from ptemu.engines import DEFAULT_ENGINE, Engine
+from ptemu.errors import UsageError
+from ptemu.handler import PtWriteHandler, WriteEvent
+from ptemu.memory import GuestMemory
+from ptemu.monitor.protection import PageProtector
+from ptemu.monitor.runs import RawRun, append_run, clip, diff, intersect, union
+from ptemu.monitor.translation import (
+    EntryWrite,
+    Run,
+    Translation,
+    TranslationChange,
+    TranslationState,
+)
+from ptemu.monitor.view import DEFAULT_MAX_TABLES, EntryDifference, Space, View
+from ptemu.paging.modes import PagingMode, paging_mode
+from ptemu.results import EntryResult, EventResult
+from ptemu.status import EntryState, Policy, Status
+from ptemu.values import PAGE_OFFSET_MASK, PAGE_SIZE
+from ptemu.vcpu import Vcpu
+
+Timing = Literal["cpu", "seed"]
+TIMINGS: tuple[str, ...] = ("cpu", "seed")
+SpaceRanges = Literal["all", "user", "kernel"] | Sequence[tuple[int, int]]
+"""What `watch_space` watches: a half, the whole space, or explicit ``(gla, size)`` pairs."""
+ChangeCallback = Callable[[TranslationChange], None]
+"""Called once per change, clipped to the watch's own ranges."""
+
+
+class MonitorStatus(StrEnum):
+    """What the monitor did with one EPT write event."""
+
+    HANDLED = "handled"
+    """The page is protected: the handler ran (see `MonitorResult.event` for its status)."""
+    NOT_PROTECTED = "not-protected"
+    """The page is not protected by this monitor: nothing was emulated or changed.
+
+    A real CPU does not exit for such a page; an event can still arrive when
+    another vCPU's exit races with the monitor unprotecting the page. Resume
+    the guest: it re-executes the instruction, now without an exit."""
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorResult:
+    """The outcome of one event (or `flush`) at the monitor."""
+
+    status: MonitorStatus
+    event: EventResult | None = None
+    """The handler's result (None when the handler was not called)."""
+    changes: tuple[TranslationChange, ...] = ()
+    """Every change, per address space, clipped to the union of its watches."""
+    protected: tuple[int, ...] = ()
+    """Pages newly protected while handling it, in order."""
+    unprotected: tuple[int, ...] = ()
+    """Pages no longer protected afterwards, in order."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class WatchHandle:
+    """One watch: give it back to `TranslationMonitor.unwatch`."""
+
+    number: int
+    cr3: int
+    """The root table's guest-physical address (the space's identity)."""
+    ranges: tuple[tuple[int, int], ...]
+    """Watched canonical ``(start, end)`` ranges, page-aligned."""
+    callback: ChangeCallback | None = field(repr=False)
+    flat: tuple[tuple[int, int], ...] = field(repr=False)
+
+
+@dataclass(slots=True)
+class _Change:
+    """A change on flat addresses, before it is made public."""
+
+    space: Space
+    start: int
+    end: int
+    old: list[RawRun]
+    new: list[RawRun]
+    cause: list[EntryWrite]
+    partial: bool
+    at_cr3_load: bool
+
+
+class TranslationMonitor:
+    """Watches linear ranges of guest address spaces and reports translation changes.
+
+    One monitor serves one guest (its memory, its paging mode) and owns its
+    handler's write state. Not thread-safe, like the handler.
+    """
+
+    def __init__(self, memory: GuestMemory, paging: str | PagingMode, protector: PageProtector,
+                 *, handler: PtWriteHandler | None = None, timing: Timing | str = "cpu",
+                 report_accessed_dirty: bool = False, nxe: bool = True, pse: bool = True,
+                 policy: Policy | str = Policy.STRICT, engine: Engine | str = DEFAULT_ENGINE,
+                 max_tables: int = DEFAULT_MAX_TABLES) -> None:
+        """`handler` defaults to a new `PtWriteHandler` over `memory` (with `policy`
+        and `engine`); a given one must use the same memory and paging mode. `nxe`
+        (IA32_EFER.NXE) and `pse` (CR4.PSE, 32-bit paging only) are how the guest's
+        entries are read. `report_accessed_dirty` makes a change of the leaf's A or D
+        bit a change of translation."""
+        self.mode = paging if isinstance(paging, PagingMode) else paging_mode(paging)
+        if timing not in TIMINGS:
+            raise UsageError(f"unknown timing {timing!r}: expected one of {TIMINGS}")
+        if isinstance(max_tables, bool) or not isinstance(max_tables, int) or max_tables < 1:
+            raise UsageError(f"max_tables must be a positive integer, got {max_tables!r}")
+        if handler is None:
+            handler = PtWriteHandler(memory, self.mode, policy=policy, engine=engine)
+        elif handler.memory is not memory or handler.mode.name != self.mode.name:
+            raise UsageError("the handler given to the monitor must use the same guest "
+                             "memory and paging mode")
+        self.handler = handler
+        self.memory = memory
+        self.protector = protector
+        self.timing: Timing = "cpu" if timing == "cpu" else "seed"
+        self._view = View(self.mode, memory, protector, nxe=nxe, pse=pse,
+                          report_accessed_dirty=report_accessed_dirty, max_tables=max_tables,
+                          levels_changed=self._level_changed)
+        self._watches: dict[int, list[WatchHandle]] = {}
+        self._numbers = itertools.count(1)
+        self._width = self.mode.linear_address_bits
+        self._half = 1 << (self._width - 1)
+
+    # -- watches ------------------------------------------------------------------
+
+    def watch(self, cr3: int, gla: int, size: int,
+              callback: ChangeCallback | None = None) -> WatchHandle:
+        """Watch the translation of ``[gla, gla + size)`` in the space of `cr3`.
+
+        Protects every paging-structure page the range reaches. Raises
+        `UsageError` for a range that is empty, not canonical, or crosses the
+        4-/5-level canonical hole.
+        """
+        return self._add(cr3, [self._flat_range(gla, size)], callback)
+
+    def watch_space(self, cr3: int, callback: ChangeCallback | None = None,
+                    ranges: SpaceRanges = "all", *, kernel_base: int | None = None,
+                    ) -> WatchHandle:
+        """Watch a whole address space (``"all"``), its user or kernel half, or
+        explicit ``(gla, size)`` ranges of it.
+
+        The halves split at `kernel_base`: by default the canonical hole in
+        4-/5-level paging and 0x80000000 in 32-bit paging (pass 0xC0000000 for a
+        Linux 3G/1G split).
+        """
+        top = 1 << self._width
+        split = self._half if kernel_base is None else self._flat_range(kernel_base, 1)[0]
+        if ranges == "all":
+            flat = [(0, top)]
+        elif ranges == "user":
+            flat = [(0, split)]
+        elif ranges == "kernel":
+            flat = [(split, top)]
+        elif isinstance(ranges, str):
+            raise UsageError(f"unknown space range {ranges!r}: expected all, user, kernel "
+                             "or (gla, size) pairs")
+        else:
+            flat = [self._flat_range(gla, size) for gla, size in ranges]
+        return self._add(cr3, flat, callback)
+
+    def unwatch(self, handle: WatchHandle) -> None:
+        """Stop a watch; pages no other watch reaches are unprotected."""
+        watches = self._watches.get(handle.cr3, [])
+        if handle not in watches:
+            raise UsageError(f"watch {handle.number} is not active")
+        watches.remove(handle)
+        space = self._view.spaces[handle.cr3]
+        space.intervals = union([r for w in watches for r in w.flat])
+        self._view.build_space(space)
+        if not watches:
+            del self._watches[handle.cr3]
+            del self._view.spaces[handle.cr3]
+
+    def _add(self, cr3: int, flat: list[tuple[int, int]],
+             callback: ChangeCallback | None) -> WatchHandle:
+        if isinstance(cr3, bool) or not isinstance(cr3, int) or not 0 <= cr3 < (1 << 64):
+            raise UsageError(f"cr3 {cr3!r} is not a 64-bit value")
+        if not flat:
+            raise UsageError("a watch needs at least one range")
+        root = self.mode.root_table_gpa(cr3)
+        handle = WatchHandle(next(self._numbers), root,
+                             tuple(self._canonical_ranges(union(flat))), callback,
+                             tuple(union(flat)))
+        watches = self._watches.setdefault(root, [])
+        watches.append(handle)
+        space = self._view.spaces.get(root)
+        if space is None:
+            space = self._view.spaces[root] = Space(root, [])
+        space.intervals = union([r for w in watches for r in w.flat])
+        self._view.build_space(space)
+        return handle
+
+    # -- events -------------------------------------------------------------------
+
+    def handle_ept_write(self, vcpu: Vcpu, event: WriteEvent) -> MonitorResult:
+        """Emulate one EPT write violation and report the translation changes.
+
+        An event for a page this monitor does not protect returns
+        `MonitorStatus.NOT_PROTECTED` and changes nothing (see there).
+        """
+        if (event.gpa & ~PAGE_OFFSET_MASK) not in self._view.pages:
+            return MonitorResult(MonitorStatus.NOT_PROTECTED)
+        self._view.events.clear()
+        result = self.handler.handle_ept_write(vcpu, event)
+        if result.status is not Status.EMULATED:
+            return MonitorResult(MonitorStatus.HANDLED, result)
+        states = {entry.gpa: entry.state for entry in result.entries}
+        pending = set(self.handler.pending())
+        written = list(dict.fromkeys(record.gpa for record in result.writes))
+        changes: list[_Change] = []
+        for entry_gpa in written:
+            if self.timing == "seed" and states.get(entry_gpa) is not EntryState.COMPLETE:
+                continue
+            self._apply(entry_gpa, entry_gpa in pending, changes)
+        return self._finish(result, changes)
+
+    def flush(self, entry_gpa: int) -> MonitorResult:
+        """Complete a pending entry in the handler (`PtWriteHandler.flush`) and report."""
+        self._view.events.clear()
+        outcome: EntryResult | None = self.handler.flush(entry_gpa)
+        changes: list[_Change] = []
+        if outcome is not None and (outcome.gpa & ~PAGE_OFFSET_MASK) in self._view.pages:
+            self._apply(outcome.gpa, False, changes)
+        return self._finish(None, changes)
+
+    def _apply(self, entry_gpa: int, partial: bool, changes: list[_Change]) -> None:
+        view = self._view
+        if (entry_gpa & ~PAGE_OFFSET_MASK) not in view.pages:
+            return  # an earlier entry of the same event released this page
+        size = self.mode.entry_size
+        new_value = int.from_bytes(self.memory.read(entry_gpa, size), "little")
+        old_value, differences = view.apply_entry(entry_gpa, new_value)
+        for difference in differences:
+            self._collect(difference, entry_gpa, old_value, new_value, partial, changes)
+
+    def _collect(self, difference: EntryDifference, entry_gpa: int, old_value: int,
+                 new_value: int, partial: bool, changes: list[_Change]) -> None:
+        level = self.mode.levels[difference.position.level_index]
+        cause = EntryWrite(entry_gpa, level.number, level.name, old_value, new_value, partial)
+        at_load = self._view.is_pdpte(difference.position)
+        for start, end, old, new in diff(difference.old, difference.new):
+            last = changes[-1] if changes else None
+            if (last is not None and last.space is difference.space and last.end == start
+                    and last.partial == partial and last.at_cr3_load == at_load):
+                # One instruction writing consecutive entries: one contiguous change.
+                for run in old:
+                    append_run(last.old, *run)
+                for run in new:
+                    append_run(last.new, *run)
+                last.end = end
+                if cause not in last.cause:
+                    last.cause.append(cause)
+                continue
+            changes.append(_Change(difference.space, start, end, old, new, [cause], partial,
+                                   at_load))
+
+    def _finish(self, result: EventResult | None, changes: list[_Change]) -> MonitorResult:
+        public: list[TranslationChange] = []
+        for change in changes:
+            public.extend(self._public(change, change.start, change.end))
+            for handle in list(self._watches.get(change.space.root_gpa, ())):
+                if handle.callback is None:
+                    continue
+                for low, high in intersect(list(handle.flat), change.start, change.end):
+                    for clipped in self._public(change, low, high):
+                        handle.callback(clipped)
+        events = self._view.events
+        return MonitorResult(
+            MonitorStatus.HANDLED, result, tuple(public),
+            tuple(page for op, page in events if op == "protect"),
+            tuple(page for op, page in events if op == "unprotect"))
+
+    # -- queries ------------------------------------------------------------------
+
+    def translation(self, cr3: int, gla: int) -> TranslationState:
+        """What the monitor's view says the page at `gla` translates to.
+
+        Taken from the view (the entries as the monitor last saw them), not from
+        memory: with ``timing="seed"`` it lags a pending partial write. Raises
+        `UsageError` when `gla` is not watched in that space.
+        """
+        space = self._space(cr3)
+        start, _end = self._flat_range(gla, 1)
+        return self._view.translation(space, start)
+
+    def runs(self, cr3: int) -> tuple[Run, ...]:
+        """The view's translation of every watched range of the space, as runs."""
+        space = self._space(cr3)
+        runs = self._view.space_runs(space)
+        return tuple(self._public_runs(runs, 0, 1 << self._width))
+
+    def protected_pages(self) -> frozenset[int]:
+        """Pages the monitor holds protected now."""
+        return frozenset(self._view.pages)
+
+    def watched(self) -> dict[int, tuple[WatchHandle, ...]]:
+        """Active watches per space (root table GPA)."""
+        return {root: tuple(watches) for root, watches in self._watches.items()}
+
+    @property
+    def table_levels(self) -> dict[int, int]:
+        """Page GPA -> level, for every protected page read at a single level
+        (what the handler is given to read bit 7 as PS or PAT)."""
+        return dict(self.handler.table_levels)
+
+    @property
+    def tables(self) -> int:
+        """Positions in the view (tables counted once per path that reaches them)."""
+        return self._view.tables
+
+    def _space(self, cr3: int) -> Space:
+        space = self._view.spaces.get(self.mode.root_table_gpa(cr3))
+        if space is None:
+            raise UsageError(f"no watch on the address space of cr3 {cr3:#x}")
+        return space
+
+    def _level_changed(self, page: int, level: int | None) -> None:
+        # The handler reads `table_levels` when it classifies a completed entry.
+        if level is None:
+            self.handler.table_levels.pop(page, None)
+        else:
+            self.handler.table_levels[page] = level
+
+    # -- addresses ----------------------------------------------------------------
+
+    def _flat_range(self, gla: int, size: int) -> tuple[int, int]:
+        """Page-aligned flat ``[start, end)`` of canonical ``[gla, gla + size)``."""
+        mode = self.mode
+        for value, what in ((gla, "linear address"), (size, "size")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"{what} {value!r} is not a non-negative integer")
+        if size == 0:
+            raise UsageError(f"watched range at {gla:#x} is empty")
+        if gla >= mode.address_limit or not mode.is_canonical(gla):
+            raise UsageError(f"linear address {gla:#x} is not canonical in {mode.name} paging")
+        end = gla + size
+        upper = mode.canonical_sign_bit is not None and gla >= self._half
+        limit = mode.address_limit if upper or mode.canonical_sign_bit is None else self._half
+        if end > limit:
+            raise UsageError(f"range {gla:#x}+{size:#x} crosses the end of the "
+                             f"{'canonical half' if limit == self._half else 'address space'}")
+        flat = gla & ((1 << self._width) - 1)
+        start = flat & ~PAGE_OFFSET_MASK
+        stop = -(-(flat + size) // PAGE_SIZE) * PAGE_SIZE
+        return start, stop
+
+    def _canonical(self, flat: int) -> int:
+        return self.mode.canonical(flat) if flat < (1 << self._width) else 1 << 64
+
+    def _canonical_ranges(self, flat: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        out = []
+        for low, high in flat:
+            for part_low, part_high in self._split(low, high):
+                out.append((self._canonical(part_low), self._end(part_high)))
+        return out
+
+    def _split(self, low: int, high: int) -> list[tuple[int, int]]:
+        """``[low, high)`` cut at the canonical hole (4-/5-level paging)."""
+        if self.mode.canonical_sign_bit is None or not low < self._half < high:
+            return [(low, high)]
+        return [(low, self._half), (self._half, high)]
+
+    def _end(self, flat_end: int) -> int:
+        """Canonical form of an exclusive end."""
+        return self._canonical(flat_end - 1) + 1
+
+    def _public_runs(self, runs: list[RawRun], low: int, high: int) -> list[Run]:
+        out = []
+        for start, end, state in clip(runs, low, high):
+            for part_low, part_high in self._split(start, end):
+                part: TranslationState = state
+                if isinstance(state, Translation):
+                    part = state.shifted(part_low - start)
+                out.append(Run(self._canonical(part_low), self._end(part_high), part))
+        return out
+
+    def _public(self, change: _Change, low: int, high: int) -> list[TranslationChange]:
+        out = []
+        for part_low, part_high in self._split(low, high):
+            out.append(TranslationChange(
+                cr3=change.space.root_gpa, start=self._canonical(part_low),
+                end=self._end(part_high),
+                old=tuple(self._public_runs(change.old, part_low, part_high)),
+                new=tuple(self._public_runs(change.new, part_low, part_high)),
+                cause=tuple(change.cause), partial=change.partial,
+                at_cr3_load=change.at_cr3_load))
+        return out

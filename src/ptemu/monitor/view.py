@@ -1,0 +1,363 @@
+"""The monitor's own view of the watched paging structures.
+
+Per address space (one root table, found from CR3) the view is a tree of
+**positions**: a position is one table as that space reaches it by one path,
+with the linear base it maps, the level it is read at and the rights the
+entries above it grant. A position exists for every table that a watched
+range reaches, at every level; entries outside the watched ranges are not
+followed. The same page may hold several positions: a table shared by several
+spaces (the kernel half of every process), a table linked twice, or a page read
+at two levels.
+
+Pages are reference-counted by positions: a page is protected (through the
+`PageProtector`) when its first position appears, *before* its contents are
+read, and unprotected when its last position goes. The view keeps a copy of
+every protected page as it last saw it (`cache`): that copy is the "before" of
+the next write, since by the time the monitor hears of a write, memory already
+holds the "after".
+
+**Self-reference.** An entry whose table is already on its own path (Windows'
+self-map PML4E, or a loop a guest builds) is not descended: it is recorded
+as unfollowed and its range reads as `Unfollowed("self-reference")`. Since
+every walk has one entry per level, the tree is finite anyway; the rule keeps
+the view from holding a second copy of the hierarchy per self-map and the
+hierarchy from growing when a guest points many entries back up. The page is
+protected already (it is on the path). **Budget.** Beyond `max_tables`
+positions, a further table is unfollowed with reason ``table budget``: a guest
+that links one table from every entry of every level could otherwise make the
+tree 512**levels positions large.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ptemu.errors import UsageError
+from ptemu.memory import GuestMemory
+from ptemu.monitor.protection import PageProtector
+from ptemu.monitor.runs import RawRun, append_run, intersect
+from ptemu.monitor.translation import Translation, TranslationState, Unfollowed
+from ptemu.paging.entry import DecodedEntry, decode_entry
+from ptemu.paging.modes import EntryFormat, PagingMode
+from ptemu.paging.translate import ALL_RIGHTS, AccessRights, combine_rights, translates
+from ptemu.values import PAGE_OFFSET_MASK, PAGE_SIZE
+
+SELF_REFERENCE = Unfollowed("self-reference")
+TABLE_BUDGET = Unfollowed("table budget")
+DEFAULT_MAX_TABLES = 1 << 18
+"""Positions the view holds at most (a whole 4-level space with 10**5 pages needs ~300)."""
+
+
+class Position:
+    """One table as one address space reaches it by one path."""
+
+    __slots__ = ("base", "children", "level_index", "path", "rights", "space", "table_gpa",
+                 "unfollowed")
+
+    def __init__(self, space: Space, level_index: int, table_gpa: int, base: int,
+                 rights: AccessRights, path: tuple[int, ...]) -> None:
+        self.space = space
+        """The address space this position belongs to."""
+        self.level_index = level_index
+        """Index into the mode's levels (0 = the root)."""
+        self.table_gpa = table_gpa
+        """Where the table starts (the PAE PDPT is 32-byte aligned, not page-aligned)."""
+        self.base = base
+        """Lowest flat linear address the table maps."""
+        self.rights = rights
+        """What the entries above this table grant together."""
+        self.path = path
+        """Page GPAs of the tables from the root down to this one."""
+        self.children: dict[int, Position] = {}
+        """Entry index -> the table that entry links (followed entries only)."""
+        self.unfollowed: dict[int, Unfollowed] = {}
+        """Entry index -> why the table that entry links is not followed."""
+
+
+@dataclass(slots=True)
+class Space:
+    """One address space: its root table, its watched ranges and its tree."""
+
+    root_gpa: int
+    intervals: list[tuple[int, int]]
+    """Watched flat linear ranges, sorted and disjoint."""
+    root: Position | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EntryDifference:
+    """How one entry write changed the translation at one position (internal)."""
+
+    space: Space
+    position: Position
+    index: int
+    old: list[RawRun]
+    new: list[RawRun]
+
+
+LevelsChanged = Callable[[int, int | None], None]
+"""Told ``(page gpa, level number or None)`` when the level a page is read at changes
+(None: no longer a table, or read at several levels)."""
+
+
+class View:
+    """Every watched space's tree of positions, the page references and the page copies."""
+
+    def __init__(self, mode: PagingMode, memory: GuestMemory, protector: PageProtector, *,
+                 nxe: bool = True, pse: bool = True, report_accessed_dirty: bool = False,
+                 max_tables: int = DEFAULT_MAX_TABLES,
+                 levels_changed: LevelsChanged | None = None) -> None:
+        self.mode = mode
+        self.memory = memory
+        self.protector = protector
+        self.nxe = nxe
+        self.pse = pse
+        self.report_accessed_dirty = report_accessed_dirty
+        self.max_tables = max_tables
+        self.levels_changed = levels_changed
+        self.entry_size = mode.entry_size
+        self.spaces: dict[int, Space] = {}
+        self.pages: dict[int, list[Position]] = {}
+        """Page GPA -> the positions on it: the reference count is the length."""
+        self.cache: dict[int, bytearray] = {}
+        """Page GPA -> its contents as the view last saw them."""
+        self.tables = 0
+        """Positions held now (what `max_tables` bounds)."""
+        self.events: list[tuple[str, int]] = []
+        """``("protect" | "unprotect", page)`` since the caller last cleared it."""
+
+    # -- pages ----------------------------------------------------------------
+
+    def _attach(self, position: Position) -> None:
+        page = position.table_gpa & ~PAGE_OFFSET_MASK
+        holders = self.pages.get(page)
+        if holders is None:
+            self.protector.protect(page)          # protect first ...
+            self.events.append(("protect", page))
+            self.cache[page] = bytearray(self.memory.read(page, PAGE_SIZE))  # ... then read
+            self.pages[page] = holders = []
+        holders.append(position)
+        self.tables += 1
+        self._levels_of(page, holders)
+
+    def _detach(self, position: Position) -> None:
+        """Remove `position` and everything below it."""
+        for child in position.children.values():
+            self._detach(child)
+        page = position.table_gpa & ~PAGE_OFFSET_MASK
+        holders = self.pages[page]
+        holders.remove(position)
+        self.tables -= 1
+        if not holders:
+            del self.pages[page]
+            del self.cache[page]
+            self.protector.unprotect(page)
+            self.events.append(("unprotect", page))
+        self._levels_of(page, holders)
+
+    def _levels_of(self, page: int, holders: list[Position]) -> None:
+        if self.levels_changed is None:
+            return
+        numbers = {self.mode.levels[p.level_index].number for p in holders}
+        self.levels_changed(page, numbers.pop() if len(numbers) == 1 else None)
+
+    def entry_value(self, position: Position, index: int) -> int:
+        """Entry `index` of the table at `position`, as the view last saw it."""
+        gpa = position.table_gpa + index * self.entry_size
+        offset = gpa & PAGE_OFFSET_MASK
+        data = self.cache[gpa & ~PAGE_OFFSET_MASK]
+        return int.from_bytes(data[offset:offset + self.entry_size], "little")
+
+    def _decode(self, position: Position, value: int) -> DecodedEntry:
+        return decode_entry(self.mode, self.mode.levels[position.level_index], value,
+                            nxe=self.nxe, pse=self.pse)
+
+    # -- building ---------------------------------------------------------------
+
+    def build_space(self, space: Space) -> None:
+        """(Re)build `space`'s tree over its intervals; pages still reached stay protected."""
+        old = space.root
+        space.root = None
+        if space.intervals:
+            root = Position(space, 0, space.root_gpa, 0, ALL_RIGHTS,
+                            (space.root_gpa & ~PAGE_OFFSET_MASK,))
+            self._attach(root)
+            self._follow_table(space, root)
+            space.root = root
+        if old is not None:
+            self._detach(old)
+
+    def _follow_table(self, space: Space, position: Position) -> None:
+        level = self.mode.levels[position.level_index]
+        end = position.base + level.table_span
+        for low, high in intersect(space.intervals, position.base, end):
+            first = (low - position.base) >> level.shift
+            last = (high - 1 - position.base) >> level.shift
+            for index in range(first, last + 1):
+                if index not in position.children and index not in position.unfollowed:
+                    self._follow(space, position, index)
+
+    def _follow(self, space: Space, position: Position, index: int) -> None:
+        """Link the table entry `index` references, if it references one."""
+        value = self.entry_value(position, index)
+        if not value & 1 or position.level_index + 1 == len(self.mode.levels):
+            return
+        entry = self._decode(position, value)
+        if not translates(entry) or entry.maps_page:
+            return
+        child_page = entry.address & ~PAGE_OFFSET_MASK
+        if child_page in position.path:
+            position.unfollowed[index] = SELF_REFERENCE
+            return
+        if self.tables >= self.max_tables:
+            position.unfollowed[index] = TABLE_BUDGET
+            return
+        level = self.mode.levels[position.level_index]
+        child = Position(space, position.level_index + 1, entry.address,
+                         position.base + (index << level.shift),
+                         combine_rights(position.rights, entry), (*position.path, child_page))
+        self._attach(child)
+        position.children[index] = child
+        self._follow_table(space, child)
+
+    # -- translations -------------------------------------------------------------
+
+    def entry_runs(self, space: Space, position: Position, index: int) -> list[RawRun]:
+        """Runs of entry `index` of `position`, clipped to the watched ranges."""
+        level = self.mode.levels[position.level_index]
+        start = position.base + (index << level.shift)
+        runs: list[RawRun] = []
+        for low, high in intersect(space.intervals, start, start + level.entry_span):
+            self._runs_in(position, index, low, high, runs)
+        return runs
+
+    def space_runs(self, space: Space) -> list[RawRun]:
+        """Runs of every watched range of `space`."""
+        runs: list[RawRun] = []
+        if space.root is not None:
+            for low, high in space.intervals:
+                self._table_runs(space.root, low, high, runs)
+        return runs
+
+    def _table_runs(self, position: Position, low: int, high: int, runs: list[RawRun]) -> None:
+        level = self.mode.levels[position.level_index]
+        first = (low - position.base) >> level.shift
+        last = (high - 1 - position.base) >> level.shift
+        for index in range(first, last + 1):
+            start = position.base + (index << level.shift)
+            self._runs_in(position, index, max(low, start), min(high, start + level.entry_span),
+                          runs)
+
+    def _runs_in(self, position: Position, index: int, low: int, high: int,
+                 runs: list[RawRun]) -> None:
+        """Append the runs of ``[low, high)``, inside the range of entry `index`."""
+        value = self.entry_value(position, index)
+        if not value & 1:
+            append_run(runs, low, high, None)
+            return
+        entry = self._decode(position, value)
+        if not translates(entry):
+            append_run(runs, low, high, None)
+        elif entry.maps_page:
+            level = self.mode.levels[position.level_index]
+            start = position.base + (index << level.shift)
+            translation = self.leaf(entry, combine_rights(position.rights, entry))
+            append_run(runs, low, high, translation.shifted(low - start))
+        else:
+            child = position.children.get(index)
+            if child is None:
+                append_run(runs, low, high, position.unfollowed[index])
+            else:
+                self._table_runs(child, low, high, runs)
+
+    def leaf(self, entry: DecodedEntry, rights: AccessRights) -> Translation:
+        """The translation a leaf entry gives with `rights` combined over its levels."""
+        assert entry.page_bytes is not None
+        report = self.report_accessed_dirty
+        return Translation(
+            frame=entry.address, page_size=entry.page_bytes, writable=rights.writable,
+            user=rights.user, executable=rights.executable,
+            protection_key=entry.protection_key, pwt=entry.pwt, pcd=entry.pcd,
+            pat=bool(entry.pat), accessed=entry.accessed if report else None,
+            dirty=entry.dirty if report else None)
+
+    def translation(self, space: Space, gla: int) -> TranslationState:
+        """What the view says the page at flat `gla` translates to."""
+        position = space.root
+        if position is None or not intersect(space.intervals, gla, gla + 1):
+            raise UsageError(f"linear address {gla:#x} is not watched in space "
+                             f"{space.root_gpa:#x}")
+        while True:
+            level = self.mode.levels[position.level_index]
+            index = (gla - position.base) >> level.shift
+            child = position.children.get(index)
+            if child is None:
+                runs: list[RawRun] = []
+                self._runs_in(position, index, gla, gla + 1, runs)
+                return runs[0][2]
+            position = child
+
+    # -- writes -----------------------------------------------------------------
+
+    def holders(self, entry_gpa: int) -> list[tuple[Position, int]]:
+        """Every (position, index) whose table holds the entry at `entry_gpa`."""
+        found = []
+        table_bytes_by_level = [level.entries * self.entry_size for level in self.mode.levels]
+        for position in self.pages.get(entry_gpa & ~PAGE_OFFSET_MASK, ()):
+            offset = entry_gpa - position.table_gpa
+            if 0 <= offset < table_bytes_by_level[position.level_index]:
+                found.append((position, offset // self.entry_size))
+        return found
+
+    def is_pdpte(self, position: Position) -> bool:
+        """Whether `position` is a PAE PDPT (its entries take effect at CR3 load)."""
+        return self.mode.levels[position.level_index].format is EntryFormat.PAE_PDPTE
+
+    def apply_entry(self, entry_gpa: int, new_value: int) -> tuple[int, list[EntryDifference]]:
+        """Take entry `entry_gpa` as now holding `new_value`; return its old value and
+        what changed at every position that reads it.
+
+        Old runs come from the view before the update; the cache is updated once;
+        then every position's subtree under the entry is rebuilt (new tables are
+        protected before they are read) and the tables no longer reached are
+        released last, so a table that moves stays protected throughout.
+        """
+        page = entry_gpa & ~PAGE_OFFSET_MASK
+        offset = entry_gpa & PAGE_OFFSET_MASK
+        data = self.cache[page]
+        old_value = int.from_bytes(data[offset:offset + self.entry_size], "little")
+        if old_value == new_value:
+            return old_value, []
+        holders = [(p.space, p, i) for p, i in self.holders(entry_gpa)]
+        before = []
+        for space, position, index in holders:
+            if self._same_subtree(position, old_value, new_value):
+                continue
+            before.append((space, position, index, self.entry_runs(space, position, index)))
+        data[offset:offset + self.entry_size] = new_value.to_bytes(self.entry_size, "little")
+        released: list[Position] = []
+        for space, position, index, _old in before:
+            child = position.children.pop(index, None)
+            position.unfollowed.pop(index, None)
+            if child is not None:
+                released.append(child)
+            self._follow(space, position, index)
+        for child in released:
+            self._detach(child)
+        differences = []
+        for space, position, index, old in before:
+            new = self.entry_runs(space, position, index)
+            differences.append(EntryDifference(space, position, index, old, new))
+        return old_value, differences
+
+    def _same_subtree(self, position: Position, old: int, new: int) -> bool:
+        """Whether both values link the same table with the same rights (so nothing
+        under the entry changed: A, PWT/PCD of a table entry or software bits did)."""
+        if position.level_index + 1 == len(self.mode.levels) or not (old & new & 1):
+            return False
+        before, after = self._decode(position, old), self._decode(position, new)
+        return (translates(before) and translates(after) and before.points_to_table
+                and after.points_to_table and before.address == after.address
+                and combine_rights(position.rights, before)
+                == combine_rights(position.rights, after))
