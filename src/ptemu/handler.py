@@ -14,8 +14,9 @@ faulting GPA and GLA. The handler
    stored bytes with an atomic compare-and-store over the entries it wrote,
    starting over when an entry changed meanwhile (the CPU sets A/D bits
    behind our back), at most `max_commit_attempts` times (else `CONTENDED`);
-4. in 32-bit PAE code, emulates a following store of the other half of the
-   same entry in the same exit (semantics.md section 2);
+4. in 32-bit PAE code, when the write leaves its entry partial, emulates a
+   following store of the other half of the same entry in the same exit
+   (semantics.md section 2; see `PtWriteHandler._leaves_entry_partial`);
 5. fills the vCPU's PtEmuBuffer and feeds every write record to its entry's
    write state, reporting each entry `COMPLETE` (classified), `PARTIAL` or
    `DUPLICATE`.
@@ -50,7 +51,7 @@ from ptemu.results import EntryResult, EventResult, WriteRecord
 from ptemu.status import EntryState, Policy, Status
 from ptemu.values import PAGE_SIZE, mask_bits, page_base, page_offset
 from ptemu.vcpu import Vcpu
-from ptemu.writestate import WriteInput, WriteStateTable
+from ptemu.writestate import EntryWriteState, WriteInput, WriteOutcome, WriteStateTable
 
 DEFAULT_DECODE_CACHE_SIZE = 4096
 """Distinct instructions kept decoded (least recently used ones go first)."""
@@ -83,8 +84,15 @@ class WriteEvent:
     """16, 32 or 64: the operating size of the faulting code."""
 
 
-_Decoded = tuple[DecodedStore | DecodeRefusal, FastEmulator | None]
-"""A decode-cache entry: the store (or why not) and its fast-engine closure."""
+_Decoded = tuple[DecodedStore | DecodeRefusal, FastEmulator | None, bytes]
+"""A decode-cache entry: the store (or why not), its fast-engine closure and
+the instruction's own bytes (one shared object: part of the strict duplicate
+identity, so an event does not slice its code to build it)."""
+
+_Fingerprint = tuple[int, int, bytes, tuple[str, ...], tuple[int, ...]]
+"""An event's identity for the strict duplicate test (semantics.md section 3):
+GPA, code size, instruction bytes, register names and register values (RIP
+among them), compared exactly with ``==``."""
 
 
 @dataclass(slots=True)
@@ -92,6 +100,8 @@ class _Emulated:
     """One instruction emulated and committed (internal, built once per event)."""
 
     store: DecodedStore
+    instruction: bytes
+    """The instruction's bytes (shared with the decode cache)."""
     rip: int
     registers: dict[str, int]
     writes: tuple[WriteRecord, ...]
@@ -178,12 +188,21 @@ class PtWriteHandler:
         first = self._emulate_one(event.code_bits, event.code, event.regs, event.gpa, event.gla)
         if isinstance(first, _Refused):
             return EventResult(first.status, reason=first.reason, fault=first.fault)
+        # The strict duplicate identity: the values themselves, never a hash of
+        # them (a guest can pick RIPs whose hashes collide, e.g. 0x2 and 2**64-6).
+        fingerprint: _Fingerprint | None = (
+            (event.gpa, event.code_bits, first.instruction, names,
+             tuple(event.regs.values()))
+            if self.policy is Policy.STRICT else None)
         done = [first]
+        peeked: tuple[EntryWriteState | None, WriteOutcome] | None = None
         if self._may_coalesce(event, first):
-            second = self._coalesce_second_half(event, first)
-            if second is not None:
-                done.append(second)
-        return self._finish(vcpu, event, done)
+            partial, peeked = self._leaves_entry_partial(first, fingerprint)
+            if partial:
+                second = self._coalesce_second_half(event, first)
+                if second is not None:
+                    done.append(second)
+        return self._finish(vcpu, event, done, fingerprint, peeked)
 
     def flush(self, entry_gpa: int) -> EntryResult | None:
         """Report a pending entry as complete with its value in memory now.
@@ -216,9 +235,12 @@ class PtWriteHandler:
             return cached
         decoded = self._decoder.decode(code_bits, code)
         fast = None
-        if self._fast_engine and isinstance(decoded, DecodedStore):
-            fast = compile_fast(decoded)
-        entry = (decoded, fast)
+        instruction = b""
+        if isinstance(decoded, DecodedStore):
+            instruction = key[1][:decoded.length]
+            if self._fast_engine:
+                fast = compile_fast(decoded)
+        entry = (decoded, fast, instruction)
         self._decode_cache[key] = entry
         if len(self._decode_cache) > self._decode_cache_size:
             self._decode_cache.popitem(last=False)
@@ -228,7 +250,7 @@ class PtWriteHandler:
 
     def _emulate_one(self, code_bits: int, code: bytes, regs: Mapping[str, int], gpa: int,
                      gla: int) -> _Emulated | _Refused:
-        decoded, fast_emulator = self._decoded(code_bits, code)
+        decoded, fast_emulator, instruction = self._decoded(code_bits, code)
         if isinstance(decoded, DecodeRefusal):
             return _Refused(Status.UNSUPPORTED, decoded.reason)
         store = decoded
@@ -249,7 +271,8 @@ class PtWriteHandler:
             return span
         source_pages: list[tuple[int, bytes]] = []
         if store.source is not None:
-            source = self._read_source(store, regs, rip, span[2], page_base(gla))
+            source = self._read_source(store, regs, rip, span[2], page_base(gla),
+                                       page_base(gpa))
             if isinstance(source, _Refused):
                 return source
             source_pages, iterations = source
@@ -294,7 +317,7 @@ class PtWriteHandler:
                 f"{self.max_commit_attempts} attempts"))
         writes, entries_after = self._records(store, regs, page_gpa + entry_low, first, last,
                                               before, after)
-        return _Emulated(store, rip, registers, writes, entries_after)
+        return _Emulated(store, instruction, rip, registers, writes, entries_after)
 
     def _written_span(self, store: DecodedStore, regs: Mapping[str, int],
                       address: int, limit: int | None = None) -> tuple[int, int, int] | _Refused:
@@ -322,13 +345,19 @@ class PtWriteHandler:
         return address, address + iterations * size, iterations
 
     def _read_source(self, store: DecodedStore, regs: Mapping[str, int], rip: int,
-                     iterations: int, destination_page: int,
+                     iterations: int, destination_page: int, destination_gpa: int,
                      ) -> tuple[list[tuple[int, bytes]], int] | _Refused:
         """The guest pages MOVS reads, found through the guest's own page
         tables (CR3 in the registers), and the iterations they allow.
 
         Iterations stop where the source stops translating, as they stop at
-        the destination page's end: the guest re-executes the rest.
+        the destination page's end: the guest re-executes the rest. They
+        also stop before a read from the page being written, whether through
+        its own linear page or through an alias (another linear page mapped
+        to the same GPA): the engine copies from a snapshot taken before the
+        first iteration, while the CPU's result would depend on how it orders
+        a fast-string copy, which nothing in the event shows. When the very
+        first read is such a read, the event is `UNSUPPORTED`.
         """
         assert store.source is not None
         width = 64 if store.code_bits == 64 else 32
@@ -337,36 +366,46 @@ class PtWriteHandler:
         size = store.access_size
         downwards = bool(register_value(regs, "rflags") & _DF) and store.rep
         step = -size if downwards else size
-        if destination_page in (page_base(first), page_base(first + size - 1)):
-            return _Refused(Status.UNSUPPORTED,
-                            f"'{store.text}' copies within the page it writes")
         pages: dict[int, bytes] = {}
         allowed = 0
-        while allowed < iterations and self._map_source(
-                pages, (first + allowed * step) & mask_bits(width), size, destination_page, regs):
+        problem: str | None = None
+        while allowed < iterations:
+            problem = self._map_source(pages, (first + allowed * step) & mask_bits(width), size,
+                                       destination_page, destination_gpa, regs)
+            if problem is not None:
+                break
             allowed += 1
         if allowed == 0:
-            return _Refused(Status.UNSUPPORTED, (
-                f"'{store.text}': its source at {first:#x} does not translate through "
-                f"CR3 {register_value(regs, 'cr3'):#x}"))
+            return _Refused(Status.UNSUPPORTED, f"'{store.text}': its source at {first:#x} "
+                                                f"{problem}")
         return list(pages.items()), allowed
 
     def _map_source(self, pages: dict[int, bytes], start: int, size: int,
-                    destination_page: int, regs: Mapping[str, int]) -> bool:
-        """Add the pages one source read touches to `pages`; False if it cannot."""
+                    destination_page: int, destination_gpa: int, regs: Mapping[str, int],
+                    ) -> str | None:
+        """Add the pages one source read touches to `pages`; None when done,
+        else why it cannot be (the end of a sentence about the source)."""
         for page in (page_base(start), page_base(start + size - 1)):
             if page in pages:
                 continue
-            if page == destination_page or len(pages) == 2:
-                return False
-            contents = self._read_linear_page(page, regs)
-            if contents is None:
-                return False
+            if page == destination_page:
+                return "lies in the page it writes"
+            if len(pages) == 2:
+                return "needs a third source page"
+            translated = self._read_linear_page(page, regs)
+            if translated is None:
+                return f"does not translate through CR3 {register_value(regs, 'cr3'):#x}"
+            gpa, contents = translated
+            if gpa == destination_gpa:
+                return (f"reads linear page {page:#x}, an alias of the page it writes "
+                        f"(GPA {gpa:#x})")
             pages[page] = contents
-        return True
+        return None
 
-    def _read_linear_page(self, page_gla: int, regs: Mapping[str, int]) -> bytes | None:
-        """The 4 KiB at linear `page_gla`, through the guest's page tables."""
+    def _read_linear_page(self, page_gla: int, regs: Mapping[str, int],
+                          ) -> tuple[int, bytes] | None:
+        """The GPA and the 4 KiB of linear `page_gla`, through the guest's page
+        tables; None when it does not translate."""
         cr4 = register_value(regs, "cr4")
         efer = register_value(regs, "efer")
         try:
@@ -377,7 +416,8 @@ class PtWriteHandler:
             return None
         if translation.gpa is None:
             return None
-        return self.memory.read(page_base(translation.gpa), PAGE_SIZE)
+        gpa = page_base(translation.gpa)
+        return gpa, self.memory.read(gpa, PAGE_SIZE)
 
     def _run(self, store: DecodedStore, code: bytes, regs: Mapping[str, int],
              data_pages: list[tuple[int, bytes]], iterations: int,
@@ -447,9 +487,39 @@ class PtWriteHandler:
     # -- PAE second half ----------------------------------------------------
 
     def _may_coalesce(self, event: WriteEvent, first: _Emulated) -> bool:
+        """The shape of a first half: one 4-byte store into an 8-byte PAE entry
+        (the PtEmuBuffer is partial), from 16/32-bit code, RIP moved on."""
         return (self.coalesce and self.mode.name == "pae" and event.code_bits != 64
                 and not first.store.rep and len(first.writes) == 1
                 and first.writes[0].size == 4 and first.registers["rip"] != first.rip)
+
+    def _leaves_entry_partial(self, first: _Emulated, fingerprint: _Fingerprint | None,
+                              ) -> tuple[bool, tuple[EntryWriteState | None, WriteOutcome] | None]:
+        """Whether a first half leaves its entry partial (semantics.md section 2),
+        and, under ``strict``, the write state's verdict to reuse when reporting.
+
+        ``hvmi`` (the seed): every 4-byte write to an 8-byte entry does; the
+        seed decides from its partial PtEmuBuffer, before and whatever its
+        write state then says, so this keeps coalescing after an ``hvmi``
+        duplicate too. ``strict``: only a write the write state calls
+        `PARTIAL`. Not a read-modify-write, which completes the entry at once
+        (the completion it reports stands alone and the next store is its own
+        exit); not a store that completes an entry whose other half was
+        pending; and not a duplicate, which leaves the state as the event's
+        first delivery left it and must not fold a fresh write into a
+        repeated exit (that write would join the entry as a new pending half,
+        since only an event's first write to an entry can be a duplicate).
+        The verdict is only peeked at: the table changes in `_finish`, with
+        the rest of the event, whether or not a second half follows.
+        """
+        if self.policy is not Policy.STRICT:
+            return True, None
+        record = first.writes[0]
+        peeked = self.write_state.peek(record.gpa, self._write_input(first, record, fingerprint,
+                                                                     first_of_event=True),
+                                       entry_size=self.entry_size, policy=self.policy,
+                                       guest_is_32bit=self._guest_is_32bit)
+        return peeked[1].state is EntryState.PARTIAL, peeked
 
     def _coalesce_second_half(self, event: WriteEvent, first: _Emulated) -> _Emulated | None:
         """Emulate the next instruction too when it writes the entry's other half."""
@@ -472,7 +542,26 @@ class PtWriteHandler:
 
     # -- reporting ----------------------------------------------------------
 
-    def _finish(self, vcpu: Vcpu, event: WriteEvent, done: list[_Emulated]) -> EventResult:
+    @staticmethod
+    def _write_input(item: _Emulated, record: WriteRecord, fingerprint: _Fingerprint | None,
+                     first_of_event: bool) -> WriteInput:
+        """What the write state needs to know about one record of one instruction."""
+        unchanged = ((record.old >> (8 * record.offset)) & ((1 << (8 * record.size)) - 1)
+                     == record.value)
+        return WriteInput(record.offset, record.size, record.value, record.old,
+                          item.entries_after[record.gpa], item.rip,
+                          item.store.family.access is Access.READ_MODIFY_WRITE, item.store.rep,
+                          fingerprint, first_of_event, unchanged)
+
+    def _finish(self, vcpu: Vcpu, event: WriteEvent, done: list[_Emulated],
+                fingerprint: _Fingerprint | None,
+                peeked: tuple[EntryWriteState | None, WriteOutcome] | None) -> EventResult:
+        """Fill the PtEmuBuffer, feed every record to the write states and report.
+
+        `peeked` is the write state's verdict on the first record, already
+        computed (by `_leaves_entry_partial`) from the same table: it is
+        stored instead of being computed twice.
+        """
         before = event.regs.get
         final = done[0].registers
         writes = done[0].writes
@@ -483,26 +572,21 @@ class PtWriteHandler:
             undefined |= done[1].store.family.undefined_flags
         changed = {name: value for name, value in final.items()
                    if value != before(name, _DEFAULT_FLAGS if name == "rflags" else 0)}
-        # Strict duplicates need "same GPA, same registers": a hash is enough,
-        # since a duplicate must also find memory already holding its bytes.
-        fingerprint = (hash((event.gpa, tuple(event.regs), tuple(event.regs.values())))
-                       if self.policy is Policy.STRICT else None)
         outcomes: dict[int, EntryResult] = {}
-        apply = self.write_state.apply
+        table = self.write_state
+        write_input = self._write_input
         for item in done:
-            read_modify_write = item.store.family.access is Access.READ_MODIFY_WRITE
-            rep = item.store.rep
             for record in item.writes:
                 entry_gpa = record.gpa
-                unchanged = ((record.old >> (8 * record.offset)) & ((1 << (8 * record.size)) - 1)
-                             == record.value)
-                outcome = apply(
-                    entry_gpa,
-                    WriteInput(record.offset, record.size, record.value, record.old,
-                               item.entries_after[entry_gpa], item.rip, read_modify_write, rep,
-                               fingerprint, entry_gpa not in outcomes, unchanged),
-                    entry_size=self.entry_size, policy=self.policy,
-                    guest_is_32bit=self._guest_is_32bit)
+                if peeked is not None:  # the first record, its verdict already known
+                    state, outcome = peeked
+                    peeked = None
+                    table.put(entry_gpa, state)
+                else:
+                    outcome = table.apply(
+                        entry_gpa, write_input(item, record, fingerprint, entry_gpa not in outcomes),
+                        entry_size=self.entry_size, policy=self.policy,
+                        guest_is_32bit=self._guest_is_32bit)
                 outcomes[entry_gpa] = self._entry_result(entry_gpa, outcome.state,
                                                          outcome.old, outcome.new)
         head = writes[0]

@@ -26,10 +26,12 @@ Two policies (`ptemu.status.Policy`):
     1-byte ``lock and`` clearing RW leaves a 64-bit entry partial.
 
 ``strict`` -- ptemu's default. A duplicate is an event identical to the
-    previous event on the entry (same `WriteInput.event_fingerprint`) whose
-    write finds memory already holding what it stores (`WriteInput.unchanged`);
-    REP iterations are never duplicates. A read-modify-write instruction
-    completes the entry at once with the whole entry after the write.
+    previous event on the entry (an equal `WriteInput.event_fingerprint`:
+    same RIP, instruction bytes, registers and GPA, compared with ``==``)
+    whose write finds memory already holding what it stores
+    (`WriteInput.unchanged`); REP iterations are never duplicates. A
+    read-modify-write instruction completes the entry at once with the whole
+    entry after the write.
 
 Memory per entry. A state that holds no pending bytes is *idle*; an idle
 state keeps only what the duplicate rules need (last RIP and size under
@@ -43,10 +45,12 @@ completed entry is therefore dropped; on 32-bit guests an entry whose last
 write was smaller than 8 bytes stays, so that the seed's rule "a second write
 from the same RIP after a completion is a duplicate" still holds. Under
 ``strict`` completed entries stay with their last fingerprint, so that a
-second delivery of the completing event is still recognised; callers should
-pass a compact fingerprint (one shared object per event, or a digest). Idle
-states are interned, so entries with the same last RIP or written by the same
-event share one record.
+second delivery of the completing event is still recognised. The fingerprint
+must hold the values themselves (a tuple of them, one object shared by the
+event's writes), never a hash or digest of them: a guest can choose register
+values whose hashes collide (``hash(2) == hash(2**64 - 6)``), and a collision
+would call a real write a duplicate. Idle states are interned, so entries
+with the same last RIP or written by the same event share one record.
 """
 
 from __future__ import annotations
@@ -124,7 +128,9 @@ class WriteInput:
     rep_string: bool = False
     """An iteration of a REP string instruction: never a ``strict`` duplicate."""
     event_fingerprint: Hashable = None
-    """Identifies the event (RIP, registers, GPA) for the ``strict`` duplicate test."""
+    """Identifies the event for the ``strict`` duplicate test: its RIP,
+    instruction bytes, registers and GPA themselves (compared with ``==``,
+    so never a hash of them, which a guest can make collide)."""
     first_of_event: bool = True
     """The first write this event makes to this entry. Only such a write is
     compared with earlier events by either duplicate rule; later writes of the
@@ -295,6 +301,22 @@ class WriteStateTable:
                                      policy=policy, guest_is_32bit=guest_is_32bit)
         self._store(entry_gpa, state)
         return outcome
+
+    def peek(self, entry_gpa: int, write: WriteInput, *, entry_size: int, policy: Policy,
+             guest_is_32bit: bool) -> tuple[EntryWriteState | None, WriteOutcome]:
+        """What `apply` would do, without doing it: the entry's next state and
+        the outcome. The table is left as it was; `put` the state to commit.
+
+        The handler uses this to learn whether a write leaves its entry
+        partial (PAE coalescing, semantics.md section 2) before it decides to
+        emulate a second instruction in the same exit.
+        """
+        return apply_write(self._states.get(entry_gpa), write, entry_size=entry_size,
+                           policy=policy, guest_is_32bit=guest_is_32bit)
+
+    def put(self, entry_gpa: int, state: EntryWriteState | None) -> None:
+        """Make `state` (from `peek`; ``None`` forgets the entry) the entry's state."""
+        self._store(entry_gpa, state)
 
     def flush(self, entry_gpa: int, entry_now: int) -> WriteOutcome | None:
         """Complete a pending entry with its value in memory now; ``None`` if

@@ -13,13 +13,15 @@ Its expectation comes from what the execution did:
   fixture's policy (the only ptemu logic the capture uses besides values).
 
 PAE coalescing (semantics.md section 2): with ``coalesce`` on, a single 4-byte
-store into an 8-byte PAE entry (a partial PtEmuBuffer) from 16/32-bit code is
-merged with the next instruction when that one is a MOV, XCHG or CMPXCHG
-storing 4 bytes to the other half of the same entry: one event, both
-instructions' records in order, registers changed over both. As in the seed,
-"partial" is the buffer's (the store is smaller than the entry), not the
-write state's, so under ``strict`` an XCHG of one half followed by a MOV of
-the other is one event too.
+store into an 8-byte PAE entry from 16/32-bit code that leaves the entry
+partial is merged with the next instruction when that one is a MOV, XCHG or
+CMPXCHG storing 4 bytes to the other half of the same entry: one event, both
+instructions' records in order, registers changed over both. "Leaves the
+entry partial" is the handler's rule (`PtWriteHandler._leaves_entry_partial`):
+under ``hvmi``, as in the seed, every such store (its PtEmuBuffer is
+partial); under ``strict``, only a store the write state calls partial, so an
+XCHG of one half (a read-modify-write, complete at once) followed by a MOV of
+the other is two events, and so is a duplicate followed by the other half.
 
 The write hook reports guest-physical addresses; an event's GLA is the
 monitored page's linear address (each monitored page is mapped exactly once).
@@ -35,7 +37,7 @@ from ptemu.capture.layout import GuestLayout
 from ptemu.capture.machine import MachineRun, RawWrite, Step
 from ptemu.capture.opcodes import PAE_SECOND_HALF_KINDS, InstructionInfo, classify
 from ptemu.errors import UsageError
-from ptemu.status import EntryState
+from ptemu.status import EntryState, Policy
 from ptemu.values import PAGE_OFFSET_MASK
 from ptemu.writestate import WriteInput, WriteOutcome, WriteStateTable
 
@@ -174,18 +176,24 @@ class _EventBuilder:
                 position += 1
                 continue
             data_patches = self.shadow.take_data_patches()
-            fingerprint = _fingerprint(instruction)
+            fingerprint = self._fingerprint(instruction)
             touched: dict[int, WriteOutcome] = {}
             records = self._feed(instruction, fingerprint, touched)
             covered = [instruction]
             follower = instructions[position + 1] if position + 1 < len(instructions) else None
-            if follower is not None and self._coalesces(instruction, records, follower):
+            if follower is not None and self._coalesces(instruction, records, touched,
+                                                        follower):
                 records += self._feed(follower, fingerprint, touched)
                 covered.append(follower)
+            # Delivered again before the guest ran on: this delivery emulated this
+            # instruction alone, so its code stops there (a handler shown the next
+            # instruction might coalesce it, and replay would cut the run elsewhere).
+            alone = (len(covered) == 1 and self.may_coalesce and follower is not None
+                     and follower.first.redelivered)
             position += len(covered)
             patches = tuple(self.pending_patches) + data_patches
             self.pending_patches = []
-            yield self._event(call_index, covered, records, touched, patches)
+            yield self._event(call_index, covered, records, touched, patches, alone)
 
     def _group(self, steps: Sequence[Step]) -> Iterator[_Instruction]:
         """Steps into instructions: REP iterations at one address that store to
@@ -260,6 +268,17 @@ class _EventBuilder:
                 guest_is_32bit=self.guest_is_32bit)
         return records
 
+    def _fingerprint(self, instruction: _Instruction) -> Hashable:
+        """The event's identity for the strict duplicate rule (semantics.md
+        section 3), as the handler builds it: the GPA of the event (the first
+        store to a monitored page), the code size, the instruction's bytes and
+        the registers before it, the values themselves (never a hash of them,
+        which a guest can make collide)."""
+        step = instruction.first
+        gpa = next((write.gpa for write in step.writes if self._is_monitored(write.gpa)), None)
+        return (gpa, self.spec.code_bits, self._code(step.gla, step.size),
+                tuple(sorted(step.regs_before.items())))
+
     def _split(self, write: RawWrite) -> Iterator[EntryWrite]:
         """One record per entry the store covers, in ascending address order."""
         size = self.entry_size
@@ -275,16 +294,21 @@ class _EventBuilder:
             position += chunk
 
     def _coalesces(self, first: _Instruction, records: list[EntryWrite],
-                   follower: _Instruction) -> bool:
+                   touched: Mapping[int, WriteOutcome], follower: _Instruction) -> bool:
         """The handler's PAE second-half rule (semantics.md section 2), decided
-        from what executed: a single 4-byte store into an 8-byte entry (the
-        PtEmuBuffer is partial), in 16/32-bit code, followed by a MOV, XCHG or
-        CMPXCHG that stores 4 bytes to the entry's other half."""
+        from what executed: a single 4-byte store into an 8-byte entry, in
+        16/32-bit code, that leaves the entry partial (under ``strict`` the
+        write state's verdict in `touched` is `PARTIAL`; under ``hvmi`` every
+        such store does), followed by a MOV, XCHG or CMPXCHG that stores 4
+        bytes to the entry's other half."""
         if not self.may_coalesce or len(records) != 1 or first.info.rep:
             return False
         record = records[0]
         if record.size != 4:
             return False  # a whole 8-byte entry: the PtEmuBuffer is not partial
+        if self.spec.policy is Policy.STRICT and touched[record.gpa].state is not (
+                EntryState.PARTIAL):
+            return False  # completed (a read-modify-write...) or a duplicate
         step = first.first
         if (len(follower.steps) != 1 or follower.first.redelivered
                 or follower.first.gla != step.gla + step.size
@@ -296,7 +320,7 @@ class _EventBuilder:
 
     def _event(self, call_index: int, covered: list[_Instruction], records: list[EntryWrite],
                touched: Mapping[int, WriteOutcome],
-               patches: tuple[MemoryPatch, ...]) -> CapturedEvent:
+               patches: tuple[MemoryPatch, ...], alone: bool = False) -> CapturedEvent:
         first_step = covered[0].first
         last_step = covered[-1].steps[-1]
         first_write = next(w for w in first_step.writes if self._is_monitored(w.gpa))
@@ -306,7 +330,7 @@ class _EventBuilder:
         blob = self.spec.blob_at(first_step.gla)
         assert blob is not None
         start = first_step.gla - blob.gla
-        code = blob.data[start:start + max(self.spec.code_window, length)]
+        code = blob.data[start:start + (length if alone else max(self.spec.code_window, length))]
         before, after = first_step.regs_before, last_step.regs_after
         changed = {name: after.get(name, 0) for name in set(before) | set(after)
                    if after.get(name, 0) != before.get(name, 0)}
@@ -349,11 +373,3 @@ def _merge(record: EntryWrite, entry_size: int) -> int:
     shift = 8 * record.offset
     mask = ((1 << (8 * record.size)) - 1) << shift
     return (record.old & ~mask & ((1 << (8 * entry_size)) - 1)) | (record.value << shift)
-
-
-def _fingerprint(instruction: _Instruction) -> Hashable:
-    """The event's identity for the strict duplicate rule: RIP, registers, GPA."""
-    step = instruction.first
-    first_gpa = step.writes[0].gpa if step.writes else None
-    return (first_gpa, tuple(sorted(step.regs_before.items())))
-
