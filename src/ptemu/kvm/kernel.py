@@ -125,6 +125,19 @@ def _parameters(prototype: str, locations: Sequence[str],
     return tuple(out)
 
 
+def record_parameters(record: dict[str, Any]) -> tuple[Parameter, ...]:
+    """The parameters of a kernel-writer record: names and C types from its
+    ``prototype`` (the ``arg_names`` of an assembly helper), locations from its
+    ``args``. Raises `UsageError` when they do not line up."""
+    return _parameters(record["prototype"], record["args"], record.get("arg_names", ()))
+
+
+def argument_slots(parameter: Parameter, value: int) -> list[tuple[str, int]]:
+    """Where `value` goes for `parameter`: one (location, value) pair, or two for
+    a ``high:low`` pair (the high 32 bits first)."""
+    return _slots(parameter, value)
+
+
 def _globals_read(address: int, lines: Iterable[str]) -> tuple[list[tuple[int, str]], str]:
     """Kernel data the listing reads, or the reason it cannot be provided."""
     found: list[tuple[int, str]] = []
