@@ -6,6 +6,7 @@ the two address spaces are never mixed silently in typed code.
 
 from __future__ import annotations
 
+import re
 from typing import NewType
 
 from ptemu.errors import UsageError
@@ -73,3 +74,84 @@ def parse_hex_bytes(value: object, what: str) -> bytes:
 def hex_int(value: int) -> str:
     """The hex spelling ptemu prints for addresses, values and registers."""
     return f"{value:#x}"
+
+
+# -- numbers and text on the command line ------------------------------------------
+
+MAX_NUMBER_CHARS = 66
+"""Longest number the command line reads: ``0x`` and 64 hex digits (leading
+zeros included). Anything longer is refused before it is converted, so a
+pasted megabyte of digits costs nothing."""
+
+SHOWN_CHARS = 80
+"""Longest echo of a user's value in an error message (then ``...``)."""
+
+_HEX_ARG = re.compile(r"0[xX][0-9a-fA-F]+")
+_DECIMAL_ARG = re.compile(r"[0-9]+")
+
+
+def escaped(text: str) -> str:
+    """`text` with every non-printable character written as an escape.
+
+    Newlines, ANSI escape sequences and lone surrogates (a JSON ``"\\ud800"``
+    or an undecodable file name) become ``\\n``, ``\\x1b``, ``\\ud800``, so a
+    name taken from a file can neither forge lines nor crash the output.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` quoted for a one-line message: escaped, cut to `limit` characters."""
+    out = escaped(text[:limit + 1])
+    if len(text) > limit or len(out) > limit:
+        out = out[:limit] + "..."
+    return f"'{out}'"
+
+
+def parse_hex_arg(text: str, what: str, *, bits: int = 64) -> int:
+    """An address or value typed on the command line: ``0x`` and hex digits.
+
+    ptemu never guesses a base: ``1000`` could be 0x1000 or 0x3e8, so a
+    number without ``0x`` is refused, and so are non-ASCII digits
+    (``'\u00b2'``, ``'\u0661'``), signs, spaces and underscores. Raises
+    `UsageError` naming `what` (e.g. ``--cr3``); values appear in hex.
+    """
+    if len(text) > MAX_NUMBER_CHARS:
+        raise UsageError(f"{what}: {shown(text)} is too long for a number "
+                         f"({len(text)} characters; a 64-bit value needs at most 18)")
+    if _HEX_ARG.fullmatch(text):
+        value = int(text, 16)
+        if value >> bits:
+            raise UsageError(f"{what}: {text.lower()} does not fit in {bits} bits "
+                             f"(at most {hex_int(mask_bits(bits))})")
+        return value
+    if _DECIMAL_ARG.fullmatch(text):
+        decimal = int(text)
+        raise UsageError(f"{what}: {shown(text)} has no 0x: ptemu reads addresses and values "
+                         f"only as hex (write 0x{text} for hex, or {hex_int(decimal)} for "
+                         f"decimal {text})")
+    raise UsageError(f"{what}: {shown(text)} is not a hex number (write 0x and the digits "
+                     "0-9, a-f, e.g. 0x1000)")
+
+
+def parse_count_arg(text: str, what: str, *, minimum: int, maximum: int) -> int:
+    """A count typed on the command line (iterations, vCPUs, a level): decimal.
+
+    Only ASCII digits: ``0x10``, ``'\u00b2'``, ``'\u0661\u0662'``, ``1_000``, ``+5``
+    and ``-1`` are refused with a message naming `what`; so is a value outside
+    ``minimum..maximum`` (both inclusive).
+    """
+    if len(text) > MAX_NUMBER_CHARS:
+        raise UsageError(f"{what}: {shown(text)} is too long for a number "
+                         f"({len(text)} characters)")
+    if not _DECIMAL_ARG.fullmatch(text):
+        hint = " (counts are decimal, without 0x)" if _HEX_ARG.fullmatch(text) else ""
+        raise UsageError(f"{what}: {shown(text)} is not a count: write decimal digits 0-9"
+                         f"{hint}")
+    value = int(text)
+    if not minimum <= value <= maximum:
+        raise UsageError(f"{what}: {value} is not in {minimum}..{maximum}")
+    return value

@@ -32,7 +32,7 @@ def write(tmp_path: Path, document: object, name: str = "description.json") -> P
 
 def test_cli_writes_a_loadable_fixture(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                        ) -> None:
-    out = tmp_path / "out" / "fixture.json"
+    out = tmp_path / "fixture.json"
     assert main(["capture", str(write(tmp_path, GOOD)), "-o", str(out)]) == 0
     fixture = load_fixture(out)
     assert fixture.name == "4level/cli"
@@ -76,10 +76,22 @@ def test_cli_overrides_policy_and_coalescing(tmp_path: Path,
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str],
                                               document: object, message: str) -> None:
-    assert main(["capture", str(write(tmp_path, document))]) == 2
+    path = write(tmp_path, document)
+    assert main(["capture", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err
-    assert err.count("\n") == 1 and err.startswith("ptemu capture: ")
+    assert err.count("\n") == 1 and err.startswith(f"ptemu capture: {path}: ")
+
+
+def test_cli_output_into_a_missing_folder_is_refused(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    out = tmp_path / "absent" / "fixture.json"
+    assert main(["capture", str(write(tmp_path, GOOD)), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == (f"ptemu capture: -o {out}: no such folder "
+                                       f"{tmp_path / 'absent'} (ptemu capture creates no "
+                                       "folders)\n")
+    assert not (tmp_path / "absent").exists()
 
 
 def test_cli_missing_description(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -138,20 +138,72 @@ def test_mismatch_exits_1_and_names_event_key_and_hex_values(
     assert len(out) == 3
 
 
-def test_no_coalesce_changes_the_result(tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_coalesce_on_a_coalesced_recording_is_not_compared(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The expectations were recorded with coalescing (no capture.coalesce key):
+    # under --no-coalesce they cannot hold, so the events run but are not compared.
     path = write(tmp_path / "pae.json", document())
-    assert main(["replay", "--no-coalesce", str(path)]) == 1
-    out = capsys.readouterr().out.splitlines()
-    assert out == [
-        "cli/pae  1 event  FAIL",
-        ("  event 0: writes[1]: expected {gpa=0x3ff0 offset=0 size=4 value=0x5063 "
-         "old=0x100000000}, actual (none)"),
-        ("  event 0: entries[0]: expected {gpa=0x3ff0 state=complete old=0x0 new=0x100005063}, "
-         "actual {gpa=0x3ff0 state=partial}"),
-        "  event 0: regs.rip: expected 0xc1001239, actual 0xc1001237",
-        "0 passed, 1 failed",
+    assert main(["replay", "--no-coalesce", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "cli/pae  1 event  NOT COMPARED (recorded with coalescing, replayed without)",
+        ("1 events not compared: their fixtures were recorded under another policy or "
+         "coalescing, and their expectations hold only under those"),
+        "0 passed, 0 failed",
     ]
+
+
+NOT_COALESCED_EXPECT: Document = {
+    # `mov [eax+4], ecx` alone (3 bytes): the high half, the entry left partial.
+    "status": "emulated",
+    "writes": [{"gpa": "0x3ff0", "offset": 4, "size": 4, "value": "0x1", "old": "0x0"}],
+    "entries": [{"gpa": "0x3ff0", "state": "partial"}],
+    "regs": {"rip": "0xc1001237"},
+}
+
+
+def test_a_recording_without_coalescing_replays_without_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = dict(document(), capture={"tool": "ptemu capture", "coalesce": False})
+    doc["events"][0]["expect"] = copy.deepcopy(NOT_COALESCED_EXPECT)
+    path = write(tmp_path / "pae.json", doc)
+    assert main(["replay", str(path)]) == 0             # its own setting by default
+    assert main(["replay", "--no-coalesce", str(path)]) == 0
+    assert capsys.readouterr().out == "cli/pae  1 event  PASS\n1 passed, 0 failed\n" * 2
+
+
+def test_policy_unlike_the_recording_is_not_compared_and_json_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "pae.json", document())     # recorded under strict
+    assert main(["replay", "--json", "--policy", "hvmi", str(path)]) == 0
+    event, summary = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (event["outcome"], event["ok"], event["mismatches"]) == ("not-compared", True, [])
+    assert event["not_compared"] == "recorded under policy strict, replayed under hvmi"
+    assert event["status"] == "emulated"                 # it ran
+    assert summary == {"passed": 0, "failed": 0, "errors": 0, "unchecked": 0,
+                       "not_compared": 1, "events": 1}
+    # The same policy as recorded compares as usual.
+    assert main(["replay", "--policy", "strict", str(path)]) == 0
+    assert capsys.readouterr().out == "cli/pae  1 event  PASS\n1 passed, 0 failed\n"
+
+
+def test_event_less_fixture_is_refused_by_replay(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path / "a.json", document())
+    image = write(tmp_path / "b.json", dict(document(), events=[]))
+    assert main(["replay", str(good), str(image)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (f"ptemu replay: {image}: no events to replay (a fixture with an "
+                            "empty 'events' list is a memory image: walk it with ptemu walk)\n")
+
+
+def test_names_from_files_cannot_forge_output(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "evil.json", document("x  1 event  PASS\n\x1b[2Jforged\ud800"))
+    assert main(["replay", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out == ("x  1 event  PASS\\n\\x1b[2Jforged\\ud800  1 event  PASS\n"
+                   "1 passed, 0 failed\n")
 
 
 def test_harness_error_is_reported_apart_and_exits_1(
@@ -226,7 +278,8 @@ def test_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (second["event"], second["ok"], second["outcome"]) == (1, False, "fail")
     assert second["mismatches"] == [
         {"key": "regs.rip", "expected": "0xc1001237", "actual": "0xc1001239"}]
-    assert summary == {"passed": 1, "failed": 1, "errors": 0, "unchecked": 0, "events": 2}
+    assert summary == {"passed": 1, "failed": 1, "errors": 0, "unchecked": 0,
+                       "not_compared": 0, "events": 2}
 
 
 def test_json_error_event(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -241,7 +294,8 @@ def test_json_error_event(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert (event["outcome"], event["ok"], event["status"], event["error"]) == (
         "error", False, None, "ValueError: bad")
     assert (event["writes"], event["entries"], event["regs"]) == ([], [], {})
-    assert summary == {"passed": 0, "failed": 0, "errors": 1, "unchecked": 0, "events": 1}
+    assert summary == {"passed": 0, "failed": 0, "errors": 1, "unchecked": 0,
+                       "not_compared": 0, "events": 1}
 
 
 # -- no PATH: the shipped corpus -------------------------------------------------------

@@ -41,7 +41,7 @@ def test_saved_fixture_loads_and_replays(kvm, tmp_path, bits):
 def test_cli_run_prints_the_summary_and_saves(kvm, tmp_path, capsys):
     require_mode(kvm, "4level", 64)
     path = tmp_path / "run.json"
-    status = main(["kvm", "run", "--mode", "4level", "--iterations", "2",
+    status = main(["kvm", "run", "--paging", "4level", "--iterations", "2",
                    "--save-fixture", str(path)])
     out = capsys.readouterr().out
     assert status == 0, out
@@ -63,7 +63,7 @@ def test_cli_reports_a_runaway_guest_with_status_3(kvm, capsys):
 def test_cli_refuses_an_unsupported_mode_in_one_line(kvm, capsys):
     if kvm.has_la57():
         pytest.skip("this host offers LA57: 5-level paging is supported")
-    status = main(["kvm", "run", "--mode", "5level"])
+    status = main(["kvm", "run", "--paging", "5level"])
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("\n") == 1 and "LA57" in err
@@ -77,9 +77,11 @@ def test_cli_probe(kvm, capsys):
 
 def test_cli_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as error:
-        main(["kvm", "run", "--mode", "6level"])
+        main(["kvm", "run", "--paging", "6level"])
     assert error.value.code == 2
-    assert main(["kvm", "run", "--iterations", "0"]) == 2
+    with pytest.raises(SystemExit) as error:
+        main(["kvm", "run", "--iterations", "0"])
+    assert error.value.code == 2
     assert "iterations" in capsys.readouterr().err
 
 

@@ -11,7 +11,10 @@ from ptemu.cli import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
+    try:
+        status = main(list(argv))
+    except SystemExit as stop:          # argparse's own checks (choices, types)
+        status = int(stop.code or 0)
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -22,7 +25,7 @@ def test_entry_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == "paging: 4level (MAXPHYADDR 52)"
-    for line in ("level: PDE (2)", "kind: page", "page_size: yes", "nx: yes",
+    for line in ("level: PDE (2)", "kind: page", "ps: yes", "nx: yes",
                  "address: 0x0", "page_bytes: 0x200000 (2 MiB)", "reserved_bits: 0x0"):
         assert line in lines
 
@@ -47,12 +50,14 @@ def test_entry_reserved_note_and_maxphyaddr(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--paging", "ia32e", "--level", "1", "0x1"], "unknown paging mode 'ia32e'"),
+    (["--paging", "ia32e", "--level", "1", "0x1"], "--paging: invalid choice: 'ia32e'"),
     (["--paging", "pae", "--level", "4", "0x1"], "no level 4"),
-    (["--paging", "4level", "--level", "0", "0x1"], "no level 0"),
-    (["--paging", "4level", "--level", "1", "xyz"], "VALUE: not a hex integer"),
-    (["--paging", "legacy", "--level", "1", "0x100000000"], "does not fit"),
-    (["--paging", "4level", "--level", "1", "--maxphyaddr", "60", "0x1"], "maxphyaddr"),
+    (["--paging", "4level", "--level", "0", "0x1"], "--level: 0 is not in 1..5"),
+    (["--paging", "4level", "--level", "1", "xyz"], "VALUE: 'xyz' is not a hex number"),
+    (["--paging", "legacy", "--level", "1", "0x100000000"],
+     "VALUE: 0x100000000 does not fit in a 4-byte legacy entry"),
+    (["--paging", "4level", "--level", "1", "--maxphyaddr", "60", "0x1"],
+     "--maxphyaddr: 60 is not in 32..52"),
 ])
 def test_entry_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str],
                              message: str) -> None:
@@ -114,13 +119,15 @@ def test_walk_json_not_present(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_walk_cr3_outside_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "walk", str(tree(tmp_path)), "--cr3", "0x9000", hex(GLA))
     assert status == 2 and out == ""
-    assert "cr3 0x9000: the root table at 0x9000 (PML4Es) is outside the memory" in err
+    assert err == (f"ptemu walk: --cr3 0x9000: the root table at 0x9000 (PML4Es) is not in the "
+                   f"memory of {tmp_path / 'walk.json'}: the fixture holds no page tables there "
+                   "(a capture records them with include_page_tables)\n")
 
 
 def test_walk_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = run(capsys, "walk", str(tmp_path / "missing.json"), "--cr3", "0x1000", "0x0")
     assert status == 2 and "cannot read" in err
     status, _, err = run(capsys, "walk", str(tree(tmp_path)), "--cr3", "0x1000", "zz")
-    assert status == 2 and "GLA: not a hex integer" in err
+    assert status == 2 and "GLA: 'zz' is not a hex number" in err
     status, _, err = run(capsys, "walk", str(tree(tmp_path)), "--cr3", "0x1000", hex(1 << 64))
     assert status == 2 and "does not fit" in err

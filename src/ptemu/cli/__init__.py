@@ -1,9 +1,17 @@
 """The `ptemu` command: one dispatcher, one module per subcommand.
 
 Each subcommand module exposes ``register(subparsers)``, which adds its parser
-and sets ``run=`` to a function ``(args) -> int`` returning the exit status.
-Errors a user makes (bad arguments, malformed files) print one line on stderr
-and exit with status 2, never a traceback.
+and sets ``run=`` to a function ``(args) -> int`` returning the exit status; a
+nested subcommand also sets ``command_name=`` (``"kvm run"``) for messages.
+Errors a user makes (bad arguments, malformed files) print one line on stderr,
+``ptemu SUBCOMMAND: what: why``, and exit with status 2, never a traceback.
+Echoed values are escaped and cut (`ptemu.values.shown`), so no input can
+forge a second line. Numbers follow `ptemu.cli.options`: hex with ``0x`` for
+addresses and values, decimal for counts.
+
+Exit statuses, the same in every subcommand: 0 success; 1 a check failed (a
+replay mismatch, a KVM disagreement); 2 unusable input; 3 a KVM guest did not
+finish; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from ptemu.errors import PtemuError
+from ptemu.values import escaped, shown
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ptemu.cli.replay",
@@ -28,13 +38,32 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 EXIT_OK = 0
 EXIT_MISMATCH = 1
 EXIT_USAGE = 2
+EXIT_GUEST = 3
+EXIT_INTERRUPTED = 130
+
+MESSAGE_CHARS = 400
+"""A generated message longer than this (argparse listing unrecognized
+arguments, say) is cut: an error is one readable line."""
+
+
+def one_line(message: str) -> str:
+    """`message` escaped (no newline, no terminal escape) and cut to `MESSAGE_CHARS`."""
+    text = escaped(message)
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit status 2."""
+    """argparse with one-line errors, ``ptemu SUBCOMMAND: what: why``, exit status 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {one_line(message.removeprefix('argument '))}\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # argparse echoes a bad choice with repr(), uncut; show it escaped and cut.
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(str(choice) for choice in action.choices)
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {shown(str(value))} (choose from {choices})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,18 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ptemu` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    name = getattr(args, "command_name", None) or args.command
+    if extras:
+        # argparse hands positionals that follow an option (`walk FILE --cr3 X GLA`)
+        # back as extras when an earlier positional is optional; a subcommand that
+        # takes them names its list in `more_operands`. Anything else is an error.
+        collect = getattr(args, "more_operands", None)
+        if collect is None or any(item.startswith("-") for item in extras):
+            parser.exit(EXIT_USAGE, f"ptemu {name}: unrecognized arguments: "
+                                    f"{shown(' '.join(extras))}\n")
+        getattr(args, collect).extend(extras)
     try:
         status: int = args.run(args)
     except PtemuError as error:
-        print(f"ptemu {args.command}: {error}", file=sys.stderr)
+        print(f"ptemu {name}: {one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # `ptemu replay --json | head` closed the pipe: not an error of ours.
         sys.stderr.close()
         return EXIT_OK
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return status
 
 

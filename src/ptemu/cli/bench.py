@@ -8,7 +8,7 @@ import platform
 import sys
 from typing import Any
 
-from ptemu.errors import UsageError
+from ptemu.cli.options import count
 
 ENGINES = ("naive", "unicorn", "auto")
 """The naive pipeline (the baseline), the handler on Unicorn, the handler with
@@ -23,11 +23,11 @@ def register(subparsers: Any) -> None:
                     "ptemu's engines, interleaved in one process; print events per second, "
                     "median and p99 latency and the ratio to the naive pipeline, then how "
                     "the cost of an event scales with the handler's state.")
-    parser.add_argument("--events", type=int, default=2000, metavar="N",
+    parser.add_argument("--events", type=count(1, 10_000_000), default=2000, metavar="N",
                         help="events per engine and round (default 2000)")
-    parser.add_argument("--rounds", type=int, default=3, metavar="R",
+    parser.add_argument("--rounds", type=count(1, 1000), default=3, metavar="R",
                         help="interleaved rounds (default 3)")
-    parser.add_argument("--naive-events", type=int, default=300, metavar="N",
+    parser.add_argument("--naive-events", type=count(1, 10_000_000), default=300, metavar="N",
                         help="events per round for the slow naive pipeline (default 300)")
     parser.add_argument("--no-scaling", action="store_true",
                         help="skip the state-size scaling measurements")
@@ -36,9 +36,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("events", "rounds", "naive_events"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     from ptemu.bench.report import run_benchmark
 
     report = run_benchmark(events=args.events, rounds=args.rounds,

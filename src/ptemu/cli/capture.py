@@ -2,7 +2,8 @@
 
 Runs the description's code in Unicorn with paging on and writes a fixture
 whose expectations are what the code really stored (docs/capture.md). A bad
-description is a one-line error with exit status 2.
+description is a one-line error with exit status 2 that names the file; so is
+an ``-o`` whose folder does not exist (nothing is created but the file).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ptemu.errors import UsageError
+from ptemu.values import escaped
 
 EXIT_OK = 0
 
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("description", metavar="DESCRIPTION.json",
                         help="the capture description (JSON)")
     parser.add_argument("-o", "--output", metavar="FIXTURE.json",
-                        help="where to write the fixture (default: standard output)")
+                        help="where to write the fixture (default: standard output); its "
+                             "folder must exist")
     parser.add_argument("--no-coalesce", action="store_true",
                         help="record a PAE entry's second 4-byte half as its own event "
                              "(overrides the description's 'coalesce')")
@@ -46,23 +49,42 @@ def run(args: argparse.Namespace) -> int:
     from ptemu.status import Policy
 
     path = Path(args.description)
+    shown_path = escaped(str(path))
     if not path.is_file():
-        raise UsageError(f"{path}: no such description file")
-    spec = load_description(path)
-    if args.no_coalesce:
-        spec = dataclasses.replace(spec, coalesce=False)
-    if args.policy is not None:
-        spec = dataclasses.replace(spec, policy=Policy(args.policy))
-    text = dump_fixture(capture(spec))
-    if args.output is None:
+        raise UsageError(f"{shown_path}: no such description file")
+    target = None if args.output is None else Path(args.output)
+    if target is not None and not target.parent.is_dir():
+        raise UsageError(f"-o {escaped(str(target))}: no such folder "
+                         f"{escaped(str(target.parent))} (ptemu capture creates no folders)")
+    try:
+        spec = load_description(path)
+        if args.no_coalesce:
+            spec = dataclasses.replace(spec, coalesce=False)
+        if args.policy is not None:
+            spec = dataclasses.replace(spec, policy=Policy(args.policy))
+        text = dump_fixture(capture(spec))
+    except UsageError as error:
+        raise UsageError(_naming(str(error), str(path))) from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{shown_path}: not UTF-8: bad byte at offset {error.start}") from None
+    except (ValueError, RecursionError) as error:
+        # Python's own JSON limits (integers of more than 4300 digits, deep nesting).
+        raise UsageError(f"{shown_path}: not JSON ptemu can read: {error}") from None
+    if target is None:
         sys.stdout.write(text)
         return EXIT_OK
-    target = Path(args.output)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     except OSError as error:
-        raise UsageError(f"{target}: cannot write: {error.strerror}") from None
+        raise UsageError(f"-o {escaped(str(target))}: cannot write: {error.strerror}") from None
     events = text.count('"expect"')
-    print(f"{target}: {spec.name}: {events} event{'' if events == 1 else 's'}", file=sys.stderr)
+    print(f"{escaped(str(target))}: {escaped(spec.name)}: {events} "
+          f"event{'' if events == 1 else 's'}", file=sys.stderr)
     return EXIT_OK
+
+
+def _naming(message: str, path: str) -> str:
+    """`message` led by the description's file name (once)."""
+    if message.startswith(path + ":"):
+        return message
+    return f"{escaped(path)}: {message.removeprefix('capture description: ')}"

@@ -4,7 +4,9 @@
 writer under single-stepping with the page tables in a read-only memslot,
 checks ptemu's handler against KVM on each write and prints exits handled,
 disagreements and events per second. ``ptemu kvm probe`` says what this
-host's KVM can do.
+host's KVM can do. Counts (``--iterations``, ``--pages``, ``--seed``, ...) are
+decimal; the paging mode is ``--paging`` as in every other subcommand
+(``--mode`` is a deprecated alias).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shlex
 import sys
 from typing import Any
 
+from ptemu.cli.options import count, seconds
 from ptemu.errors import UsageError
 from ptemu.kvm.capture import save_fixture
 from ptemu.kvm.catalog import PROGRAM_NAMES, build_program
@@ -30,43 +33,64 @@ differ from an unmonitored run."""
 EXIT_GUEST = 3
 """The guest did not finish: triple fault, a bound reached, an unexpected exit."""
 
+_KVM_HELP = ("Run small guests under KVM and check ptemu against real VM exits: 'run' "
+             "runs a page-table writer and compares ptemu's handler with KVM on every "
+             "write exit, 'probe' says what this host's KVM can do.")
+_RUN_HELP = ("Bring a guest up in a paging mode, run a page-table writer under "
+             "single-stepping with its page tables in a read-only memslot, handle every "
+             "write exit with ptemu's handler and compare with what KVM did. Prints exits "
+             "handled, disagreements and events per second; exit status 0 when all "
+             "agree, 1 on a disagreement, 3 when the guest does not finish.")
+_PROBE_HELP = ("Open /dev/kvm and print what this host's KVM offers ptemu kvm run: "
+               "read-only memslots, single-stepping, registers in kvm_run, LA57, and which "
+               "paging modes and code sizes a guest can run in.")
+
 
 def register(subparsers: Any) -> None:
     """Add ``ptemu kvm`` with its ``run`` and ``probe`` subcommands."""
     parser = subparsers.add_parser(
         "kvm", help="run guests under KVM and check ptemu against real VM exits",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
+        description=_KVM_HELP)
     commands = parser.add_subparsers(dest="kvm_command", metavar="KVM_COMMAND")
     commands.required = True
-    run = commands.add_parser("run", help="run a guest page-table writer under KVM")
-    run.add_argument("--mode", default="4level", choices=MODE_NAMES,
-                     help="paging mode of the guest (default 4level)")
-    run.add_argument("--code-bits", type=int, choices=(32, 64), default=None,
+    run = commands.add_parser("run", help="run a guest page-table writer under KVM",
+                              description=_RUN_HELP)
+    run.add_argument("--paging", default="4level", choices=MODE_NAMES, metavar="MODE",
+                     help=f"paging mode of the guest: {', '.join(MODE_NAMES)} (default 4level)")
+    run.add_argument("--mode", dest="mode_alias", choices=MODE_NAMES, default=None,
+                     help=argparse.SUPPRESS)  # the old name of --paging
+    run.add_argument("--code-bits", type=count(16, 64), choices=(32, 64), default=None,
+                     metavar="{32,64}",
                      help="operating size of the writer (default: 64 in 4/5-level, else 32; "
                           "32 in 4/5-level runs in compatibility mode)")
     run.add_argument("--program", default="stress", choices=PROGRAM_NAMES,
                      help="guest program (default stress)")
-    run.add_argument("--iterations", type=int, default=100,
+    run.add_argument("--iterations", type=count(1, 10_000_000), default=100, metavar="N",
                      help="loop iterations of the guest program (default 100); the kernel "
                           "program calls each writer this many times")
     run.add_argument("--writers", metavar="PATH",
                      help="kernel-writer records for --program kernel (default: the corpus's "
                           "kernel_writers.json)")
-    run.add_argument("--seed", type=int, default=1, help="seed of values and entries")
-    run.add_argument("--pages", type=int, default=4, help="monitored page-table pages (1..64)")
-    run.add_argument("--max-exits", type=int, default=RunLimits().max_exits,
-                     help="end the run after this many VM exits")
-    run.add_argument("--timeout", type=float, default=RunLimits().timeout,
-                     help="end the run after this many seconds")
+    run.add_argument("--seed", type=count(0, (1 << 64) - 1), default=1, metavar="N",
+                     help="seed of values and entries, decimal (default 1)")
+    run.add_argument("--pages", type=count(1, 64), default=4, metavar="N",
+                     help="monitored page-table pages, 1..64 (default 4)")
+    run.add_argument("--max-exits", type=count(1, 1 << 40), default=RunLimits().max_exits,
+                     metavar="N", help="end the run after this many VM exits "
+                                       f"(default {RunLimits().max_exits})")
+    run.add_argument("--timeout", type=seconds(1e6), default=RunLimits().timeout,
+                     metavar="SECONDS", help="end the run after this many seconds "
+                                             f"(default {RunLimits().timeout:g})")
     run.add_argument("--save-fixture", metavar="PATH",
                      help="save every write as a fixture (format version 1)")
     run.add_argument("--no-compare", action="store_true",
                      help="skip the unmonitored reference run of the same program")
-    run.add_argument("--show", type=int, default=5, metavar="N",
+    run.add_argument("--show", type=count(0, 1_000_000), default=5, metavar="N",
                      help="disagreements to print in full (default 5)")
-    run.set_defaults(run=run_command)
-    probe = commands.add_parser("probe", help="what this host's KVM can do")
-    probe.set_defaults(run=probe_command)
+    run.set_defaults(run=run_command, command_name="kvm run")
+    probe = commands.add_parser("probe", help="what this host's KVM can do",
+                                description=_PROBE_HELP)
+    probe.set_defaults(run=probe_command, command_name="kvm probe")
 
 
 def _print_report(report: RunReport, show: int) -> None:
@@ -85,8 +109,11 @@ def _print_report(report: RunReport, show: int) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.mode_alias is not None:
+        print("ptemu kvm run: --mode is deprecated: use --paging", file=sys.stderr)
+        args.paging = args.mode_alias
     limits = RunLimits(max_exits=args.max_exits, timeout=args.timeout)
-    layout = GuestLayout.create(args.mode, args.code_bits, monitored_pages=args.pages)
+    layout = GuestLayout.create(args.paging, args.code_bits, monitored_pages=args.pages)
     program = build_program(args.program, layout, iterations=args.iterations, seed=args.seed,
                             writers=args.writers)
     system = KvmSystem()

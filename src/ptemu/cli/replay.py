@@ -9,14 +9,26 @@ with one line on stderr and exit status 2, before any output. Then:
   and last the line ``N passed, M failed`` counting events;
 * ``--json``: JSON Lines, one object per event, then one summary object.
 
-Exit status: 0 when every expectation holds, 1 when any event mismatched or
-raised in the harness, 2 for unusable input (raised as `PtemuError` and printed
-by the dispatcher).
+A fixture's expectations were recorded under its own policy (``policy``) and
+PAE coalescing (``capture.coalesce``), and hold only under them. Each fixture
+replays under its own settings unless ``--policy`` / ``--no-coalesce`` say
+otherwise; a fixture replayed under other settings than it was recorded
+under is run but **not compared** (its line says so, and its events count as
+"not compared", never as failures). Coalescing exists only in PAE paging, so
+``--no-coalesce`` changes nothing for the other modes.
+
+A fixture with no events (a memory image kept for ``ptemu walk``) is refused.
+Names read from files are printed escaped (`ptemu.values.escaped`).
+
+Exit status: 0 when every compared expectation holds, 1 when any event
+mismatched or raised in the harness, 2 for unusable input (raised as
+`PtemuError` and printed by the dispatcher).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -24,8 +36,10 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ptemu.engines import DEFAULT_ENGINE, ENGINES
+from ptemu.errors import UsageError
 from ptemu.fixtures import (
     EventReport,
+    Fixture,
     FixtureReport,
     Outcome,
     corpus_path,
@@ -35,7 +49,7 @@ from ptemu.fixtures import (
 )
 from ptemu.results import EventResult
 from ptemu.status import EntryState, Policy
-from ptemu.values import hex_int
+from ptemu.values import escaped, hex_int
 
 PROGRESS_MIN_EVENTS = 300
 """A progress bar appears on a terminal's stderr only above this many events."""
@@ -59,9 +73,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="fixture files or folders (searched recursively for *.json)")
     parser.add_argument("--policy", choices=[policy.value for policy in Policy], default=None,
                         help="write-state policy for every fixture (default: each fixture's "
-                        "own, strict when it names none)")
-    parser.add_argument("--no-coalesce", dest="coalesce", action="store_false",
-                        help="do not emulate a PAE entry's second half in the same exit")
+                        "own, strict when it names none); a fixture recorded under another "
+                        "policy is run but not compared")
+    parser.add_argument("--no-coalesce", dest="coalesce", action="store_const", const=False,
+                        default=None,
+                        help="do not emulate a PAE entry's second half in the same exit "
+                        "(default: as each fixture was recorded); a PAE fixture recorded "
+                        "with coalescing is then run but not compared")
     parser.add_argument("--engine", choices=ENGINES, default=None,
                         help=f"the handler's engine (default {DEFAULT_ENGINE}: the fast "
                         "engine where it applies, Unicorn for the rest)")
@@ -74,16 +92,23 @@ def run(args: argparse.Namespace) -> int:
     """Replay the fixtures `args` names; return the exit status."""
     paths = args.paths or [corpus_path()]
     fixtures = [load_fixture(path) for path in find_fixtures(paths)]
+    for fixture in fixtures:
+        if not fixture.events:
+            raise UsageError(f"{escaped(str(fixture.path))}: no events to replay (a fixture "
+                             "with an empty 'events' list is a memory image: walk it with "
+                             "ptemu walk)")
     total = sum(len(fixture.events) for fixture in fixtures)
     out = sys.stdout
     progress = _Progress(sys.stderr, total) if _wants_progress(total) else None
     tally = _Tally()
     for fixture in fixtures:
-        report = replay_fixture(fixture, policy=args.policy, coalesce=args.coalesce,
-                                engine=args.engine,
+        coalesce = fixture.coalesce if args.coalesce is None else args.coalesce
+        unlike = _unlike_recorded(fixture, args.policy, coalesce)
+        report = replay_fixture(_without_expectations(fixture) if unlike else fixture,
+                                policy=args.policy, coalesce=coalesce, engine=args.engine,
                                 on_event=progress.advance if progress else None)
-        tally.add(report)
-        lines = _json_lines(report) if args.json else _human_lines(report)
+        tally.add(report, unlike)
+        lines = _json_lines(report, unlike) if args.json else _human_lines(report, unlike)
         if progress:
             progress.clear()
         for line in lines:
@@ -95,13 +120,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"passed": tally.passed, "failed": tally.failed,
                           "errors": tally.errors, "unchecked": tally.unchecked,
-                          "events": total}), file=out)
+                          "not_compared": tally.not_compared, "events": total}), file=out)
     else:
         if tally.errors:
             print(f"{tally.errors} events raised in the harness (errors, not mismatches)",
                   file=out)
         if tally.unchecked:
             print(f"{tally.unchecked} events have no expect (not compared)", file=out)
+        if tally.not_compared:
+            print(f"{tally.not_compared} events not compared: their fixtures were recorded "
+                  "under another policy or coalescing, and their expectations hold only "
+                  "under those", file=out)
         print(f"{tally.passed} passed, {tally.failed} failed", file=out)
     return EXIT_MISMATCH if tally.failed or tally.errors else EXIT_OK
 
@@ -114,38 +143,69 @@ class _Tally:
     failed: int = 0
     errors: int = 0
     unchecked: int = 0
+    not_compared: int = 0
 
-    def add(self, report: FixtureReport) -> None:
+    def add(self, report: FixtureReport, unlike: str | None) -> None:
         self.passed += report.count(Outcome.PASS)
         self.failed += report.count(Outcome.FAIL)
         self.errors += report.count(Outcome.ERROR)
-        self.unchecked += report.count(Outcome.UNCHECKED)
+        if unlike:
+            self.not_compared += report.count(Outcome.UNCHECKED)
+        else:
+            self.unchecked += report.count(Outcome.UNCHECKED)
 
 
-def _human_lines(report: FixtureReport) -> Iterator[str]:
+def _unlike_recorded(fixture: Fixture, policy: str | None, coalesce: bool) -> str | None:
+    """How the replay's settings differ from the fixture's recorded ones, or None."""
+    differences = []
+    if policy is not None and Policy(policy) is not fixture.policy:
+        differences.append(f"recorded under policy {fixture.policy}, replayed under {policy}")
+    if fixture.paging == "pae" and coalesce != fixture.coalesce:
+        recorded = "with" if fixture.coalesce else "without"
+        replayed = "with" if coalesce else "without"
+        differences.append(f"recorded {recorded} coalescing, replayed {replayed}")
+    return "; ".join(differences) or None
+
+
+def _without_expectations(fixture: Fixture) -> Fixture:
+    """`fixture` with no ``expect``: run it, compare nothing."""
+    return dataclasses.replace(fixture, events=tuple(
+        dataclasses.replace(event, expect=None) for event in fixture.events))
+
+
+def _human_lines(report: FixtureReport, unlike: str | None) -> Iterator[str]:
     count = len(report.events)
     noun = "event" if count == 1 else "events"
-    yield f"{report.fixture.name}  {count} {noun}  {report.outcome.value.upper()}"
+    name = escaped(report.fixture.name)
+    if unlike and report.outcome is Outcome.UNCHECKED:
+        yield f"{name}  {count} {noun}  NOT COMPARED ({unlike})"
+    else:
+        yield f"{name}  {count} {noun}  {report.outcome.value.upper()}"
     for event in report.events:
         if event.outcome is Outcome.ERROR:
-            yield f"  event {event.index}: error: {event.error}"
+            yield f"  event {event.index}: error: {escaped(event.error or '')}"
         for mismatch in event.mismatches:
             yield f"  event {event.index}: {mismatch}"
 
 
-def _json_lines(report: FixtureReport) -> Iterator[str]:
+def _json_lines(report: FixtureReport, unlike: str | None) -> Iterator[str]:
     for event in report.events:
-        yield json.dumps(_event_object(report, event))
+        yield json.dumps(_event_object(report, event, unlike))
 
 
-def _event_object(report: FixtureReport, event: EventReport) -> JsonObject:
+def _event_object(report: FixtureReport, event: EventReport, unlike: str | None) -> JsonObject:
     result = event.result
+    outcome = event.outcome.value
+    if unlike and event.outcome is Outcome.UNCHECKED:
+        outcome = "not-compared"
     obj: JsonObject = {
         "fixture": report.fixture.name,
         "path": str(report.fixture.path),
         "event": event.index,
-        "outcome": event.outcome.value,
+        "outcome": outcome,
     }
+    if unlike:
+        obj["not_compared"] = unlike
     obj.update(_result_object(result))
     obj["ok"] = event.outcome in (Outcome.PASS, Outcome.UNCHECKED)
     obj["mismatches"] = [{"key": m.key, "expected": m.expected, "actual": m.actual}
