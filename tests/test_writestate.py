@@ -240,6 +240,43 @@ def test_strict_duplicate_needs_same_event_and_unchanged_memory() -> None:
         assert outcome == WriteOutcome(PARTIAL), not_dup
 
 
+def test_strict_fingerprints_are_compared_exactly_not_by_hash() -> None:
+    # Fingerprints that hash alike (2 and 2**64 - 6 hash to 2) but differ: the first
+    # completing write's redelivery look-alike is an ordinary write, complete with
+    # old == new; only an equal fingerprint makes a duplicate.
+    first, other = (0x1000, b"\x48\x89\x37", 2), (0x1000, b"\x48\x89\x37", 2**64 - 6)
+    assert hash(first) == hash(other) and first != other
+    full = WriteInput(offset=0, size=8, value=PAE_NEW, entry_before=PAE_OLD,
+                      entry_after=PAE_NEW, rip=0xC100_8000, event_fingerprint=first)
+    state, _ = apply_write(None, full, entry_size=8, policy=STRICT, guest_is_32bit=False)
+    look_alike = replace(full, entry_before=PAE_NEW, unchanged=True, event_fingerprint=other)
+    assert apply_write(state, look_alike, entry_size=8, policy=STRICT,
+                       guest_is_32bit=False)[1] == WriteOutcome(COMPLETE, old=PAE_NEW,
+                                                                new=PAE_NEW)
+    same = replace(look_alike, event_fingerprint=(0x1000, b"\x48\x89\x37", 2))
+    assert apply_write(state, same, entry_size=8, policy=STRICT,
+                       guest_is_32bit=False) == (state, WriteOutcome(DUPLICATE))
+
+
+@pytest.mark.parametrize("policy", [HVMI, STRICT])
+def test_peek_changes_nothing_and_put_commits_what_apply_would(policy: Policy) -> None:
+    high = pae_write(4, 0x8000_0000, PAE_OLD, rip=0xC100_9000, event_fingerprint="e")
+    peeking, applying = WriteStateTable(), WriteStateTable()
+    state, outcome = peeking.peek(PTE, high, entry_size=8, policy=policy, guest_is_32bit=True)
+    assert outcome == WriteOutcome(PARTIAL)
+    assert len(peeking) == 0 and peeking.pending() == ()
+    peeking.put(PTE, state)
+    assert run(applying, high, policy=policy) == outcome
+    assert peeking == applying and peeking.pending() == (PTE,)
+    # Peeking at the completing half leaves the pending state in place.
+    low = pae_write(0, 0x2345_6063, high.entry_after, rip=0xC100_9010, event_fingerprint="f")
+    _, done = peeking.peek(PTE, low, entry_size=8, policy=policy, guest_is_32bit=True)
+    assert done == WriteOutcome(COMPLETE, old=PAE_OLD, new=0x8000_0000_2345_6063)
+    assert peeking == applying and peeking.pending() == (PTE,)
+    peeking.put(PTE, None)
+    assert len(peeking) == 0 and peeking.pending() == ()
+
+
 def test_strict_ignores_rip_and_catches_duplicate_of_a_completing_event() -> None:
     table = WriteStateTable()
     full = WriteInput(offset=0, size=4, value=0x0040_1067, entry_before=0x0030_1067,

@@ -126,3 +126,57 @@ def test_classification_attached_to_complete_entries(make_guest):
     change = result.entries[0].change
     assert change is not None
     assert "map" in {str(kind) for kind in change.kinds}
+
+
+# -- strict duplicates are exact (semantics.md section 3; issue: identity by hash())
+
+RIP_LOW, RIP_HIGH = 0x2, 2**64 - 6
+PTE_GLA = 0xFFFF888012345010
+PTE_GPA = 0x12345010
+NEW_PTE = 0x8000000012346067
+
+
+def _regs(rip):
+    return {"rip": rip, "rdi": PTE_GLA, "rsi": NEW_PTE, "rflags": 0x2}
+
+
+def test_rips_whose_hashes_collide_are_not_duplicates(make_guest):
+    # 2**64 - 6 = 8 * (2**61 - 1) + 2: Python hashes ints modulo 2**61 - 1, so both
+    # RIPs hash to 2, and so do tuples of otherwise equal registers.
+    assert hash(RIP_LOW) == hash(RIP_HIGH)
+    assert hash(tuple(_regs(RIP_LOW).values())) == hash(tuple(_regs(RIP_HIGH).values()))
+    guest = make_guest("4level")
+    first = guest.write("48 89 37", _regs(RIP_LOW), PTE_GLA, PTE_GPA)  # mov [rdi], rsi
+    assert _states(first) == [(PTE_GPA, EntryState.COMPLETE, 0, NEW_PTE)]
+    # The same store from the other RIP finds memory already holding its bytes, but it
+    # is another instruction: a real write, complete with old == new.
+    second = guest.write("48 89 37", _regs(RIP_HIGH), PTE_GLA, PTE_GPA)
+    assert second.status is Status.EMULATED
+    assert _states(second) == [(PTE_GPA, EntryState.COMPLETE, NEW_PTE, NEW_PTE)]
+    assert second.regs == {"rip": RIP_HIGH + 3}
+
+
+def test_same_rip_and_registers_with_other_instruction_bytes_is_not_a_duplicate(make_guest):
+    # 48 89 37 and 48 89 77 00 both store RSI to [RDI] (the second with a zero disp8).
+    guest = make_guest("4level")
+    regs = _regs(0xFFFFFFFF81001000)
+    guest.write("48 89 37", regs, PTE_GLA, PTE_GPA)
+    other = guest.write("48 89 77 00", regs, PTE_GLA, PTE_GPA)
+    assert _states(other) == [(PTE_GPA, EntryState.COMPLETE, NEW_PTE, NEW_PTE)]
+    assert other.regs == {"rip": 0xFFFFFFFF81001004}
+
+
+def test_the_same_event_delivered_twice_is_still_a_duplicate(make_guest):
+    guest = make_guest("4level")
+    regs = _regs(RIP_HIGH)
+    guest.write("48 89 37", regs, PTE_GLA, PTE_GPA)
+    state = guest.handler.write_state.snapshot()
+    # The same instruction bytes with a longer code window: still the same event.
+    again = guest.write("48 89 37 c3", regs, PTE_GLA, PTE_GPA)
+    assert _states(again) == [(PTE_GPA, EntryState.DUPLICATE, None, None)]
+    assert guest.handler.write_state.snapshot() == state
+    # Same event but memory no longer holds its bytes (the guest changed the entry
+    # meanwhile): a real write again.
+    guest.set_entry(PTE_GPA, 0x1067)
+    third = guest.write("48 89 37", regs, PTE_GLA, PTE_GPA)
+    assert _states(third) == [(PTE_GPA, EntryState.COMPLETE, 0x1067, NEW_PTE)]
