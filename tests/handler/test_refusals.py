@@ -152,3 +152,87 @@ def test_instruction_at_rip_zero(make_guest):
     result = guest.write("48 87 37", {"rip": 0, "rdi": GLA64, "rsi": 5}, GLA64, GPA64)
     assert result.status is Status.EMULATED
     assert result.regs["rip"] == 3
+
+
+# -- MOVS from an alias of the page it writes (issue 11, section 6)
+
+PT_PAGE_GLA = 0xFFFF888012345000  # the written page-table page, GPA 0x12345000
+PT_PAGE_GPA = 0x12345000
+DATA_GLA = 0xFFFF888000400000     # -> GPA 0x5000 (an ordinary page)
+ALIAS_GLA = 0xFFFF888000401000    # -> GPA 0x12345000: another linear page of the same GPA
+
+
+def _tables_with_an_alias(guest, alias=True):
+    """4-level tables: CR3 0x1000, PML4[273] -> PDPT 0x2000, PDPT[0] -> PD 0x3000,
+    PD[2] -> PT 0x4000, PT[0] -> 0x5000 and PT[1] -> the page-table page (or, with
+    `alias` off, -> 0x6000)."""
+    guest.set_entry(0x1000 + 273 * 8, 0x2003)
+    guest.set_entry(0x2000, 0x3003)
+    guest.set_entry(0x3000 + 2 * 8, 0x4003)
+    guest.set_entry(0x4000, 0x5003)
+    guest.set_entry(0x4008, (PT_PAGE_GPA if alias else 0x6000) | 3)
+    return {"rip": RIP64, "cr3": 0x1000}
+
+
+def test_movs_from_an_alias_of_the_written_page_is_unsupported(make_guest):
+    guest = make_guest()
+    regs = _tables_with_an_alias(guest)
+    guest.set_entry(PT_PAGE_GPA + 0x100, 0x1111)
+    before = guest.memory.copy()
+    # rep movsq, then movsq: the source ALIAS_GLA + 0x100 walks to GPA 0x12345100,
+    # inside the page being written, through a linear page other than its own.
+    for code, count in (("f3 48 a5", 2), ("48 a5", 0)):
+        result = guest.write(code, {**regs, "rsi": ALIAS_GLA + 0x100, "rdi": PT_PAGE_GLA + 0xFF0,
+                                    "rcx": count}, PT_PAGE_GLA + 0xFF0, PT_PAGE_GPA + 0xFF0)
+        assert result.status is Status.UNSUPPORTED, code
+        assert "alias" in result.reason
+        assert (result.writes, result.entries, dict(result.regs)) == ((), (), {})
+        _unchanged(guest, before)
+
+
+def test_movs_from_the_written_page_itself_is_unsupported(make_guest):
+    guest = make_guest()
+    regs = _tables_with_an_alias(guest)
+    before = guest.memory.copy()
+    result = guest.write("f3 48 a5", {**regs, "rsi": PT_PAGE_GLA + 0x100,
+                                      "rdi": PT_PAGE_GLA + 0xFF0, "rcx": 2},
+                         PT_PAGE_GLA + 0xFF0, PT_PAGE_GPA + 0xFF0)
+    assert result.status is Status.UNSUPPORTED
+    _unchanged(guest, before)
+
+
+def test_rep_movs_stops_before_the_iteration_that_reads_the_alias(make_guest):
+    # rep movsq, RCX = 3, from DATA_GLA + 0xff8: the first qword comes from GPA 0x5ff8;
+    # the second would come from ALIAS_GLA, the written page: the emulation stops
+    # after one iteration (RCX 2, RSI and RDI 8 further on, RIP on the instruction),
+    # and the guest re-executes the rest, which is then refused.
+    guest = make_guest()
+    regs = _tables_with_an_alias(guest)
+    guest.set_entry(0x5FF8, 0xAAAA)
+    result = guest.write("f3 48 a5", {**regs, "rsi": DATA_GLA + 0xFF8, "rdi": PT_PAGE_GLA + 0xFE0,
+                                      "rcx": 3}, PT_PAGE_GLA + 0xFE0, PT_PAGE_GPA + 0xFE0)
+    assert result.status is Status.EMULATED, result.reason
+    assert [(w.gpa, w.offset, w.size, w.value) for w in result.writes] == [
+        (PT_PAGE_GPA + 0xFE0, 0, 8, 0xAAAA)]
+    assert result.regs == {"rcx": 2, "rsi": ALIAS_GLA, "rdi": PT_PAGE_GLA + 0xFE8}
+    rest = guest.write("f3 48 a5", {**regs, "rsi": ALIAS_GLA, "rdi": PT_PAGE_GLA + 0xFE8,
+                                    "rcx": 2}, PT_PAGE_GLA + 0xFE8, PT_PAGE_GPA + 0xFE8)
+    assert rest.status is Status.UNSUPPORTED
+
+
+def test_rep_movs_without_an_alias_copies_every_iteration(make_guest):
+    # The same copy when the second source page is an ordinary page (GPA 0x6000):
+    # all three qwords are copied, RCX is exhausted and RIP moves on.
+    guest = make_guest()
+    regs = _tables_with_an_alias(guest, alias=False)
+    guest.set_entry(0x5FF8, 0xAAAA)
+    guest.set_entry(0x6000, 0xBBBB)
+    guest.set_entry(0x6008, 0xCCCC)
+    result = guest.write("f3 48 a5", {**regs, "rsi": DATA_GLA + 0xFF8, "rdi": PT_PAGE_GLA + 0xFE0,
+                                      "rcx": 3}, PT_PAGE_GLA + 0xFE0, PT_PAGE_GPA + 0xFE0)
+    assert result.status is Status.EMULATED, result.reason
+    assert [(w.gpa, w.value) for w in result.writes] == [
+        (PT_PAGE_GPA + 0xFE0, 0xAAAA), (PT_PAGE_GPA + 0xFE8, 0xBBBB),
+        (PT_PAGE_GPA + 0xFF0, 0xCCCC)]
+    assert result.regs == {"rcx": 0, "rsi": ALIAS_GLA + 0x10, "rdi": PT_PAGE_GLA + 0xFF8,
+                           "rip": RIP64 + 3}
