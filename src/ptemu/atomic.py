@@ -172,7 +172,7 @@ def atomic_block(offset: int, size: int) -> int | None:
     """The smallest naturally aligned atomic width holding ``[offset, offset+size)``.
 
     None when no width in `ATOMIC_WIDTHS` does (the span crosses a 16-byte
-    boundary). ``atomic_block(0x12, 2) == 2``, ``atomic_block(0x13, 2) == 4``,
+    boundary). ``atomic_block(0x12, 2) == 2``, ``atomic_block(0x11, 2) == 4``,
     ``atomic_block(0x1C, 8) is None``.
     """
     if size < 1:
