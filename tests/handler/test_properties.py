@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ptemu.handler import PtWriteHandler, WriteEvent
 from ptemu.memory import InMemoryGuestMemory
-from ptemu.status import Status
+from ptemu.status import EntryState, Status
 from ptemu.vcpu import Vcpu
 
 PAGE_GLA = 0xFFFF888012345000
@@ -86,3 +86,72 @@ def test_never_raises_and_refusals_change_nothing(head, tail, regs, offset, code
             before = memory_before.read(page, 4096)
             changed = {page + i for i in range(4096) if after[i] != before[i]}
             assert changed <= covered
+
+
+# -- PAE coalescing (semantics.md section 2) -------------------------------------------------
+
+PAE_GLA = 0xC1234FF0
+PAE_GPA = 0x01234FF0
+# 4-byte stores into one half of the entry at [esi] (offset 0) or [esi+4] (offset 4).
+FIRST_HALVES = [("89 16", 0), ("89 56 04", 4), ("87 16", 0), ("87 56 04", 4),  # mov, xchg
+                ("f0 0f b1 16", 0), ("f0 0f b1 56 04", 4),                      # lock cmpxchg
+                ("f0 21 16", 0), ("f0 09 56 04", 4)]                             # lock and, or
+SECOND_HALVES = [("89 0e", 0), ("89 4e 04", 4), ("87 0e", 0), ("87 4e 04", 4),
+                 ("f0 0f b1 0e", 0), ("f0 0f b1 4e 04", 4)]
+dword = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=st.sampled_from(FIRST_HALVES), second=st.sampled_from(SECOND_HALVES),
+       policy=st.sampled_from(["strict", "hvmi"]), entry=st.integers(0, 2**64 - 1),
+       earlier=st.sampled_from([None, 0, 4]), eax=dword, ecx=dword, edx=dword)
+def test_coalesced_exactly_when_the_first_half_leaves_the_entry_partial(
+        first, second, policy, entry, earlier, eax, ecx, edx):
+    # Two handlers see the same history; one coalesces, one does not. The coalescing
+    # one takes the second instruction in the same exit exactly when it stores the
+    # other half and (hvmi) always / (strict) the first write left the entry partial
+    # (what the non-coalescing handler reports for it); and then its event is the
+    # two separate events joined: same records, final entry state, memory.
+    handlers = []
+    for coalesce in (True, False):
+        memory = InMemoryGuestMemory([(PAE_GPA, entry.to_bytes(8, "little"))])
+        handler = PtWriteHandler(memory, "pae", policy=policy, coalesce=coalesce)
+        if earlier is not None:  # a half written by an earlier exit: the entry is pending
+            vcpu = Vcpu()
+            vcpu.begin_exit()
+            handler.handle_ept_write(vcpu, WriteEvent(
+                PAE_GPA + earlier, PAE_GLA + earlier,
+                {"rip": 0xC1000000, "rdi": PAE_GLA + earlier, "rax": 0x5063},
+                b"\x89\x07\xc3", 32))
+        handlers.append((handler, memory))
+    (joined, joined_memory), (single, single_memory) = handlers
+    regs = {"rip": 0xC1001000, "rsi": PAE_GLA, "rax": eax, "rcx": ecx, "rdx": edx}
+    code = bytes.fromhex(first[0] + second[0])
+    head = len(bytes.fromhex(first[0]))
+
+    def deliver(handler, event_regs, event_code, offset):
+        vcpu = Vcpu()
+        vcpu.begin_exit()
+        return handler.handle_ept_write(vcpu, WriteEvent(
+            PAE_GPA + offset, PAE_GLA + offset, event_regs, event_code, 32))
+
+    together = deliver(joined, regs, code, first[1])
+    alone = deliver(single, regs, code, first[1])
+    assert together.status is alone.status is Status.EMULATED
+    other_half = first[1] != second[1]
+    partial = alone.entries[0].state is EntryState.PARTIAL
+    expected = 2 if other_half and (policy == "hvmi" or partial) else 1
+    assert together.instructions == expected
+    if expected == 1:
+        assert (together.writes, together.entries, dict(together.regs)) == (
+            alone.writes, alone.entries, dict(alone.regs))
+        assert joined.write_state == single.write_state
+    else:
+        after = {**regs, **alone.regs}
+        rest = deliver(single, after, code[head:], second[1])
+        assert together.writes == alone.writes + rest.writes
+        assert together.entries == rest.entries
+        assert dict(together.regs) == {name: value for name, value in {**after, **rest.regs}.items()
+                                       if value != regs.get(name, 2 if name == "rflags" else 0)}
+        assert joined.pending() == single.pending()
+    assert joined_memory == single_memory
