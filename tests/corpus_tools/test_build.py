@@ -22,7 +22,7 @@ def test_the_shipped_corpus_is_what_the_builder_makes(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert status == 0, out
     shipped = len(list(find_fixtures([CORPUS])))
-    assert f"is up to date ({shipped} traces" in out
+    assert f"is up to date: {shipped} traces" in out
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ are what the execution stored and the registers it left (docs/capture.md).
 Three groups: the Debian kernels' page-table writers (`kernel_traces`, from
 ``src/ptemu/kvm/data/kernel_writers.json``), synthetic snippets
 (`synthetic64`, `synthetic32`) and hand-written refusals (`handwritten`).
+Every fixture carries the paging structures its capture ran under
+(``include_page_tables``), so ``ptemu walk`` works on each of them.
 
 The build is deterministic (fixed seeds, fixed order, stable JSON) and takes
 a few seconds. ``--check`` builds in memory and lists what would change;
@@ -65,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in difference.stale:
             print(f"would delete {_shown(path)}")
         if difference.empty:
-            print(f"{_shown(args.corpus)} is up to date "
-                  f"({corpus.summary(rendered, args.corpus)})")
+            print(f"{_shown(args.corpus)} is up to date: "
+                  f"{corpus.summary(rendered, args.corpus)}")
         return 0 if difference.empty else 1
     corpus.write(rendered, args.corpus)
     print(f"wrote {corpus.summary(rendered, args.corpus)} to {_shown(args.corpus)}")

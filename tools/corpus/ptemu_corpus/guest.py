@@ -44,7 +44,9 @@ class Guest:
     data_pages: list[Json] = field(default_factory=list)
     code_base: int | None = None
     """Linear address of the first snippet (default: the kernel text)."""
-    include_page_tables: bool = False
+    include_page_tables: bool = True
+    """Ship the capture's own paging structures in the fixture (every corpus
+    trace does: ``ptemu walk`` and a MOVS source need them)."""
 
     def __post_init__(self) -> None:
         if self.table_gla is None:

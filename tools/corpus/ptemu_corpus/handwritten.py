@@ -34,6 +34,11 @@ def handwritten(rng: random.Random) -> Iterator[Trace]:
     g.entries = {4: v.pte()}
     g.blob("set", "89 10 c3")
     g.call("set", rax=g.entry(4), rdx=0x1234_5067)
+    # The event's page is mapped too (a page the code never touches), so that
+    # its GLA walks to its GPA through the tables the fixture carries.
+    assert g.table_gla is not None
+    g.data_pages.append({"gpa": h(g.table_gpa + 0x1000), "gla": h(g.table_gla + 0x1000),
+                         "data": ""})
     fixture = capture_description(g.description())
     event = fixture["events"][0]
     event["gpa"] = h(g.entry_gpa(4) + 0x1000)

@@ -169,7 +169,7 @@ def kernel_trace(record: Json, paging: str, variant: int, rng: random.Random) ->
               f"function {function} at {record['address']}: the bytes the running kernel "
               f"executes under {paging} paging (runtime profile '{profile['profile']}': ftrace "
               "site NOPed, return thunks patched, boot-time alternatives applied), from "
-              f"tools/corpus/kernel_writers.json; called with {role}-style arguments")
+              f"src/ptemu/kvm/data/kernel_writers.json; called with {role}-style arguments")
     if stubs:
         source += f"; {', '.join(sorted(set(stubs)))} stubbed with ret"
     globals_read = sorted({page["symbol"] for page in data_pages if "symbol" in page})
@@ -187,6 +187,7 @@ def kernel_trace(record: Json, paging: str, variant: int, rng: random.Random) ->
                          "entries": {str(i): h(x) for i, x in sorted(entries.items())}}],
         "data_pages": data_pages,
         "calls": calls,
+        "include_page_tables": True,
     }
     try:
         fixture = capture_description(description)

@@ -251,8 +251,7 @@ def synthetic_64(paging: str, rng: random.Random) -> Iterator[Trace]:
 
     g = guest("rep-movsq-copy-entries", paging, 64, rng,
               "REP MOVSQ copying entries from another page (the source found through the "
-              "guest's own page tables, which the fixture carries), DF=0 and DF=1",
-              include_page_tables=True)
+              "guest's own page tables, which the fixture carries), DF=0 and DF=1")
     g.entries = {i: v.pte() for i in range(60, 72)}
     source_gpa = rng.randrange(0x0100_0000, 0x2000_0000, 0x1000)
     source = b"".join(v.pte().to_bytes(8, "little") for _ in range(16)) + bytes(4096 - 128)
