@@ -257,6 +257,9 @@ def _source(args: argparse.Namespace) -> _Source:
     if len(args.operands) > 2:
         raise UsageError(f"too many arguments: {shown(' '.join(args.operands))} (give "
                          "FIXTURE.json GLA, or GLA alone with --image)")
+    if len(args.operands) == 1 and args.image is None and not args.operands[0].startswith("0x"):
+        raise UsageError("GLA: missing (give FIXTURE.json --cr3 X GLA, or --image FILE "
+                         "--base GPA --paging MODE --cr3 X GLA)")
     args.fixture = args.operands[0] if len(args.operands) == 2 else None
     args.gla = parse_hex_arg(args.operands[-1], "GLA")
     if args.image is None:
