@@ -1,4 +1,4 @@
-"""The shipped corpus (src/ptemu/corpus, built by tools/corpus/build_corpus.py):
+"""The shipped corpus (src/ptemu/corpus, built by ``python -m tools.corpus.build_corpus``):
 what it must cover. Replaying it is the fixture tests' job; this checks its shape.
 """
 
