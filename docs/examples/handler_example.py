@@ -22,5 +22,8 @@ for entry in result.entries:
     print(f"  entry {entry.gpa:#x} {entry.state}: {entry.old:#x} -> {entry.new:#x}",
           entry.change.describe())
 print("  registers:", {name: hex(value) for name, value in result.regs.items()})
+# The vCPU's PtEmuBuffer is the seed's: `new` is only the chunk the faulting
+# (first) instruction wrote, so it stays partial although the entry is complete.
 buffer = vcpu.pt_emu_buffer
-print(f"  PtEmuBuffer: old={buffer.old:#x} new={buffer.new:#x} partial={buffer.partial}")
+print(f"  PtEmuBuffer: old={buffer.old:#x} new={buffer.new:#x} partial={buffer.partial} "
+      "(the first instruction's 4-byte chunk only, as in the seed)")
