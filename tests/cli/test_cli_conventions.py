@@ -301,3 +301,11 @@ def test_capture_errors_name_the_file_and_no_folder_is_created(tmp_path: Path) -
     assert line == (f"ptemu capture: -o {target}: no such folder {tmp_path / 'missing'} "
                     "(ptemu capture creates no folders)")
     assert not target.parent.exists()
+
+
+def test_help_documents_the_conventions_and_the_replay_rule() -> None:
+    top = " ".join(ptemu("--help").stdout.split())
+    assert "Addresses and values are hex with 0x (0x1000); counts are decimal." in top
+    replay = " ".join(ptemu("replay", "--help").stdout.split())
+    assert "a fixture recorded under another policy is run but not compared" in replay
+    assert "a PAE fixture recorded with coalescing is then run but not compared" in replay

@@ -32,6 +32,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ptemu.cli.capture",
     "ptemu.cli.bench",
     "ptemu.cli.kvm",
+    "ptemu.cli.monitor",
 )
 """Subcommand modules, in the order `ptemu --help` lists them."""
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ptemu",
         description="x86 page-table write emulator for hypervisor memory introspection",
+        epilog="Addresses and values are hex with 0x (0x1000); counts are decimal. Exit "
+               "status: 0 success, 1 a check failed, 2 unusable input (one line on stderr), "
+               "3 a KVM guest did not finish.",
     )
     from ptemu import __version__
 
