@@ -145,6 +145,12 @@ class Assembler:
         self.mem(opcode, reg, base, disp, w=w, prefixes=(LOCK if lock else b"") + prefixes,
                  byte_reg=size == 1)
 
+    def xadd(self, size: int, reg: int, base: int, disp: int = 0, *, lock: bool = True) -> None:
+        """``[lock] xadd [base + disp], reg`` (0F C0/C1 /r)."""
+        prefixes, opcode, w = self._sized(size, b"\x0f\xc0", b"\x0f\xc1")
+        self.mem(opcode, reg, base, disp, w=w, prefixes=(LOCK if lock else b"") + prefixes,
+                 byte_reg=size == 1)
+
     def cmpxchg8b(self, base: int, disp: int = 0, *, lock: bool = True) -> None:
         """``[lock] cmpxchg8b [base + disp]`` (0F C7 /1)."""
         self.mem(b"\x0f\xc7", 1, base, disp, prefixes=LOCK if lock else b"")

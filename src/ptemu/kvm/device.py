@@ -1,4 +1,4 @@
-"""Open /dev/kvm and drive one VM with one vCPU through plain ioctls.
+"""Open /dev/kvm and drive a VM and its vCPUs through plain ioctls.
 
 `KvmSystem` is the opened device (capabilities, the CPUID the host's KVM can
 offer a guest); `Vm` owns memslots backed by anonymous `mmap` regions;
@@ -255,6 +255,14 @@ class VcpuHandle:
                            f"(errno {error.errno})") from None
         return int.from_bytes(self.run_page[abi.RUN_EXIT_REASON:abi.RUN_EXIT_REASON + 4],
                               "little")
+
+    def request_immediate_exit(self) -> None:
+        """Make the current or next KVM_RUN return at once (``immediate_exit``).
+
+        A KVM_RUN already inside the guest returns only when a signal reaches
+        the thread that runs it (see `ptemu.kvm.smp`).
+        """
+        self.run_page[abi.RUN_IMMEDIATE_EXIT] = 1
 
     def u64(self, offset: int) -> int:
         """A little-endian u64 of ``struct kvm_run`` at `offset`."""

@@ -1,5 +1,10 @@
 """Guest programs the KVM runner executes: what runs, with which registers.
 
+`shared_program` is a loop for several vCPUs at once: locked read-modify-
+writes on entries every vCPU shares, bits each vCPU owns, plain stores to
+entries of its own; what the entries must hold at the end follows from its
+parameters (`GuestProgram.checks`).
+
 `stress_program` is a loop that writes the monitored page tables with every
 instruction family the handler emulates (MOV register and immediate of 1, 2,
 4 and 8 bytes, XCHG, CMPXCHG that matches and that does not, CMPXCHG8B both
@@ -18,6 +23,10 @@ from dataclasses import dataclass, field
 
 from ptemu.errors import UsageError
 from ptemu.kvm.asm import (
+    R8,
+    R9,
+    R10,
+    R11,
     R12,
     R13,
     R14,
@@ -35,6 +44,31 @@ from ptemu.kvm.layout import GuestLayout
 
 BLOCK = 0x80
 """Bytes of page table one iteration writes (16 entries of 8 bytes, 32 of 4)."""
+
+
+U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class FinalCheck:
+    """One end-of-run expectation: the sum (mod 2**64) of 8-byte entries.
+
+    One GPA is a plain value (a counter, a bitmap, a private entry); several
+    are a total whose parts depend on the interleaving (each vCPU's sum of
+    the tickets it drew) but whose sum does not.
+    """
+
+    name: str
+    gpas: tuple[int, ...]
+    expected: int
+
+    def observed(self, tables: bytes, tables_gpa: int) -> int:
+        """The value in `tables` (the monitored pages, which start at `tables_gpa`)."""
+        total = 0
+        for gpa in self.gpas:
+            offset = gpa - tables_gpa
+            total += int.from_bytes(tables[offset:offset + 8], "little")
+        return total & U64
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +96,12 @@ class GuestProgram:
     vcpu_registers: tuple[Mapping[str, int], ...] = ()
     """Per-vCPU registers over `registers`, one mapping per vCPU: a program for
     several vCPUs (`shared_program`) runs on exactly this many. Empty: one vCPU."""
+    checks: tuple[FinalCheck, ...] = ()
+    """What the monitored pages must hold at the end, computed from the
+    program's parameters (`shared_program`)."""
+    varying: tuple[int, ...] = ()
+    """GPAs of 8-byte entries whose final value depends on how the vCPUs
+    interleaved (left out when two runs' tables are compared)."""
 
 
 def initial_entries(layout: GuestLayout, seed: int) -> bytes:
@@ -265,4 +305,153 @@ def _stress32(layout: GuestLayout, iterations: int, seed: int) -> GuestProgram:
                         writes_per_iteration=28)
 
 
+# --- several vCPUs on shared entries ------------------------------------------
 
+SHARED_TICKET = 0x00
+"""``lock xadd`` of 1 by every vCPU: a ticket counter (each vCPU sums the old
+values it draws)."""
+SHARED_WEIGHTED = 0x08
+"""``lock xadd`` of v + 1 by vCPU v."""
+SHARED_CAS = 0x10
+"""A ``lock cmpxchg`` retry loop adding v + 1."""
+SHARED_CAS8B = 0x18
+"""A ``lock cmpxchg8b`` retry loop adding (v + 1) << 24 (carries cross bit 32)."""
+SHARED_BITS = 0x20
+"""A bitmap: vCPU v owns bits 8v..8v+7 and sets and clears them with
+``lock bts``/``lock btr`` (register bit offsets)."""
+PRIVATE_BASE = 0x100
+PRIVATE_STRIDE = 0x10
+"""vCPU v's own entries at `PRIVATE_BASE` + v * `PRIVATE_STRIDE`, in the same
+page as the shared ones."""
+PRIVATE_LAST = 0x0
+"""``mov`` of (v << 48) | the loop counter, every iteration (ends as (v << 48) | 1)."""
+PRIVATE_TICKETS = 0x8
+"""``mov`` of the sum of the tickets vCPU v drew so far."""
+
+SHARED_START: dict[int, int] = {
+    SHARED_TICKET: 0x1000,
+    SHARED_WEIGHTED: 0x7FFF_FFFF_FFFF_FF00,
+    SHARED_CAS: 0xFFFF_FFFF_FFFF_FFF0,
+    SHARED_CAS8B: 0x0000_0001_F800_0000,
+    SHARED_BITS: 0xA5A5_5A5A_0FF0_C33C,
+}
+"""Initial values of the shared entries (wrap-arounds and carries included)."""
+
+MAX_SHARED_VCPUS = 8
+SHARED_WRITES_PER_ITERATION = 8
+"""At least: two XADD, one CMPXCHG and one CMPXCHG8B (more when they retry),
+BTS, BTR and two MOV."""
+
+
+def owned_bits(initial: int, vcpus: int, iterations: int) -> int:
+    """The bitmap after every vCPU ran `iterations` iterations of its BTS/BTR pair.
+
+    Iteration with counter c (from `iterations` down to 1) of vCPU v sets bit
+    8v + (c & 7), then clears bit 8v + ((c + 4) & 7). The owners' bits are
+    disjoint, so the interleaving does not matter.
+    """
+    value = initial
+    for vcpu in range(vcpus):
+        for counter in range(iterations, 0, -1):
+            value |= 1 << (8 * vcpu + (counter & 7))
+            value &= ~(1 << (8 * vcpu + ((counter + 4) & 7)))
+    return value & U64
+
+
+def shared_program(layout: GuestLayout, vcpus: int, iterations: int,
+                   seed: int = 1) -> GuestProgram:
+    """`vcpus` vCPUs hammering shared entries of the first monitored page.
+
+    Each iteration of vCPU v: ``lock xadd`` 1 into the ticket counter (the old
+    value added to its ticket sum), ``lock xadd`` v + 1, a ``lock cmpxchg``
+    loop adding v + 1, a ``lock cmpxchg8b`` loop adding (v + 1) << 24, ``lock
+    bts``/``lock btr`` of its own bits, and plain stores of its loop counter
+    and ticket sum to its private entries. 64-bit code only (the loops use
+    64-bit arithmetic). Entries the program does not name hold random PTEs.
+    """
+    _check(iterations, seed)
+    if not 1 <= vcpus <= MAX_SHARED_VCPUS:
+        raise UsageError(f"vcpus: {vcpus} is not in 1..{MAX_SHARED_VCPUS}")
+    if layout.code_bits != 64 or layout.mode.entry_size != 8:
+        raise UsageError("the shared-entries program runs 64-bit code in 4- or 5-level paging "
+                         f"(asked: {layout.mode.name} paging, {layout.code_bits}-bit code)")
+    a = Assembler(64)
+    a.label("top")
+    a.mov_imm(RAX, 1)
+    a.xadd(8, RAX, R13, SHARED_TICKET)
+    a.alu_rr("add", R10, RAX, w=True)
+    a.mov_rr(RAX, R9, w=True)
+    a.xadd(8, RAX, R13, SHARED_WEIGHTED)
+    a.label("cas")
+    a.load(RAX, R13, SHARED_CAS, w=True)
+    a.mov_rr(RCX, RAX, w=True)
+    a.alu_rr("add", RCX, R9, w=True)
+    a.cmpxchg(8, RCX, R13, SHARED_CAS)
+    a.jnz("cas")
+    a.label("cas8b")
+    a.load(RAX, R13, SHARED_CAS8B, w=True)   # EDX:EAX = the entry, ECX:EBX = it + r11
+    a.mov_rr(RDX, RAX, w=True)
+    a.shift("shr", RDX, 32, w=True)
+    a.mov_rr(RBX, RAX, w=True)
+    a.alu_rr("add", RBX, R11, w=True)
+    a.mov_rr(RCX, RBX, w=True)
+    a.shift("shr", RCX, 32, w=True)
+    a.cmpxchg8b(R13, SHARED_CAS8B)
+    a.jnz("cas8b")
+    a.mov_rr(RAX, R15, w=True)                # bit 8v + (c & 7)
+    a.alu_ri("and", RAX, 7, w=True)
+    a.alu_rr("add", RAX, R8, w=True)
+    a.bit_reg("bts", 8, RAX, R13, SHARED_BITS)
+    a.mov_rr(RAX, R15, w=True)                # bit 8v + ((c + 4) & 7)
+    a.alu_ri("add", RAX, 4, w=True)
+    a.alu_ri("and", RAX, 7, w=True)
+    a.alu_rr("add", RAX, R8, w=True)
+    a.bit_reg("btr", 8, RAX, R13, SHARED_BITS)
+    a.mov_rr(RAX, R12, w=True)
+    a.alu_rr("or", RAX, R15, w=True)
+    a.mov_store(8, RAX, R14, PRIVATE_LAST)
+    a.mov_store(8, R10, R14, PRIVATE_TICKETS)
+    a.regreg(b"\xff", 1, R15, w=True)  # dec r15
+    a.jnz("top")
+    a.hlt()
+
+    base = layout.monitored_gla
+    per_vcpu = tuple(
+        {"r8": 8 * v, "r9": v + 1, "r11": (v + 1) << 24, "r12": v << 48,
+         "r14": base + PRIVATE_BASE + v * PRIVATE_STRIDE}
+        for v in range(vcpus))
+    monitored = bytearray(initial_entries(layout, seed))
+    for offset, value in SHARED_START.items():
+        monitored[offset:offset + 8] = value.to_bytes(8, "little")
+    gpa = layout.monitored_gpa
+    total = vcpus * iterations
+    weights = vcpus * (vcpus + 1) // 2
+    checks = [
+        FinalCheck("lock xadd ticket counter", (gpa + SHARED_TICKET,),
+                   (SHARED_START[SHARED_TICKET] + total) & U64),
+        FinalCheck("lock xadd v+1 counter", (gpa + SHARED_WEIGHTED,),
+                   (SHARED_START[SHARED_WEIGHTED] + iterations * weights) & U64),
+        FinalCheck("lock cmpxchg loop counter", (gpa + SHARED_CAS,),
+                   (SHARED_START[SHARED_CAS] + iterations * weights) & U64),
+        FinalCheck("lock cmpxchg8b loop counter", (gpa + SHARED_CAS8B,),
+                   (SHARED_START[SHARED_CAS8B] + (iterations * weights << 24)) & U64),
+        FinalCheck("lock bts/btr owned bits", (gpa + SHARED_BITS,),
+                   owned_bits(SHARED_START[SHARED_BITS], vcpus, iterations)),
+        FinalCheck("tickets drawn (sum over vCPUs)",
+                   tuple(gpa + PRIVATE_BASE + v * PRIVATE_STRIDE + PRIVATE_TICKETS
+                         for v in range(vcpus)),
+                   (total * SHARED_START[SHARED_TICKET] + total * (total - 1) // 2) & U64),
+    ]
+    checks += [FinalCheck(f"vCPU {v} private entry", (gpa + PRIVATE_BASE + v * PRIVATE_STRIDE
+                                                     + PRIVATE_LAST,), (v << 48) | 1)
+               for v in range(vcpus)]
+    varying = tuple(gpa + PRIVATE_BASE + v * PRIVATE_STRIDE + PRIVATE_TICKETS
+                    for v in range(vcpus))
+    return GuestProgram(
+        name=f"shared-{layout.mode.name}-64x{vcpus}", code=a.assemble(),
+        registers={"r10": 0, "r13": base, "r15": iterations}, monitored=bytes(monitored),
+        writes_per_iteration=SHARED_WRITES_PER_ITERATION, vcpu_registers=per_vcpu,
+        checks=tuple(checks), varying=varying,
+        description=(f"{vcpus} vCPUs x {iterations} iterations on shared entries: lock xadd, "
+                     "lock cmpxchg and cmpxchg8b loops, lock bts/btr on owned bits, private "
+                     "mov"))

@@ -45,7 +45,7 @@ from ptemu.fixtures.compare import Mismatch, compare_event
 from ptemu.fixtures.model import Expectation
 from ptemu.handler import PtWriteHandler, WriteEvent
 from ptemu.kvm import abi
-from ptemu.kvm.device import KvmSystem, regs_from_raw
+from ptemu.kvm.device import KvmSystem, VcpuHandle, regs_from_raw
 from ptemu.kvm.layout import PAGE, GuestLayout
 from ptemu.kvm.machine import GuestMachine
 from ptemu.kvm.programs import GuestProgram
@@ -78,6 +78,8 @@ class StopReason(StrEnum):
     UNEXPECTED_EXIT = "unexpected-exit"
     """An exit the runner cannot handle (port I/O, an MMIO read, a write
     outside the monitored pages, a KVM internal error...)."""
+    STOPPED = "stopped"
+    """Another vCPU's run ended first (a guest with several vCPUs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,12 @@ class RunReport:
     """The handler's result for the write it refused (stop `REFUSED`)."""
     families: Mapping[str, int] = field(default_factory=dict)
     """Writes per instruction mnemonic, as the handler decoded them."""
+    raced: int = 0
+    """Writes (several vCPUs only) where KVM's emulation read the entry before
+    another vCPU's commit changed it, and agreed with ptemu given that value."""
+    rewritten: int = 0
+    """Writes (several vCPUs only) after which the vCPU's registers were set
+    to the handler's, because KVM had computed them from an older value."""
 
     @property
     def ok(self) -> bool:
@@ -214,19 +222,27 @@ class _Stop(Exception):
 
 
 class GuestRun:
-    """One run of a program on a `GuestMachine`; `run()` returns the report."""
+    """One run of a program on one vCPU of a `GuestMachine`; `run()` returns the report.
+
+    `vcpu` (default: the machine's first) and `handler` (default: a new one
+    over the machine's memory) let several runs, one per vCPU, share one
+    handler (`ptemu.kvm.smp`).
+    """
 
     def __init__(self, machine: GuestMachine, *, limits: RunLimits = RunLimits(),
-                 capture: bool = False, policy: Policy | str = Policy.STRICT) -> None:
+                 capture: bool = False, policy: Policy | str = Policy.STRICT,
+                 vcpu: VcpuHandle | None = None, handler: PtWriteHandler | None = None,
+                 index: int = 0) -> None:
         self.machine = machine
+        self.vcpu: VcpuHandle = machine.vcpu if vcpu is None else vcpu
         self.layout: GuestLayout = machine.layout
         self.limits = limits
         self.capture = capture
         # One instruction per exit: KVM executed exactly one, so the PAE
         # second-half coalescing (which would run ahead of the vCPU) is off.
-        self.handler = PtWriteHandler(machine.memory, self.layout.mode, policy=policy,
-                                      coalesce=False)
-        self.handler_vcpu = Vcpu()
+        self.handler = handler if handler is not None else PtWriteHandler(
+            machine.memory, self.layout.mode, policy=policy, coalesce=False)
+        self.handler_vcpu = Vcpu(index)
         self.exits = 0
         self.steps = 0
         self.writes = 0
@@ -238,10 +254,15 @@ class GuestRun:
         self._code_pages: dict[int, int] = {}
         """GLA page -> GPA page of code single-stepped through (the runner's
         guests never change CR3 or their code mappings)."""
-        self._cs_base = machine.vcpu.get_sregs().cs.base
+        self._cs_base = self.vcpu.get_sregs().cs.base
+        self.raced = 0
+        self.rewritten = 0
+
+    def _before_run(self) -> None:
+        """Called before every KVM_RUN; may end the run by raising `_Stop`."""
 
     def run(self) -> RunReport:
-        machine, vcpu, limits = self.machine, self.machine.vcpu, self.limits
+        machine, vcpu, limits = self.machine, self.vcpu, self.limits
         initial_tables = machine.monitored_bytes()
         regs_raw = bytes(vcpu.regs_raw())
         if machine.monitored:
@@ -259,6 +280,7 @@ class GuestRun:
                                     f"(--max-exits {limits.max_exits})")
                     if time.monotonic() >= deadline:
                         raise _Stop(StopReason.TIMEOUT, self._timeout_detail())
+                    self._before_run()
                     reason = vcpu.run()
                     self.exits += 1
                     if reason == abi.ExitReason.DEBUG:
@@ -288,7 +310,8 @@ class GuestRun:
             disagreements=tuple(self.disagreements), elapsed=elapsed,
             handler_seconds=self.handler_seconds, final_regs=vcpu.get_regs(),
             initial_tables=initial_tables, final_tables=machine.monitored_bytes(),
-            observed=tuple(self.observed), refused=refused, families=dict(self.families))
+            observed=tuple(self.observed), refused=refused, families=dict(self.families),
+            raced=self.raced, rewritten=self.rewritten)
 
     # -- exits ------------------------------------------------------------------
 
@@ -314,12 +337,12 @@ class GuestRun:
         return self.machine.memory.read(gpa + ((cs_base + rip_before) & (PAGE - 1)), 1) == HLT
 
     def _timeout_detail(self) -> str:
-        rip = self.machine.vcpu.get_regs()["rip"]
+        rip = self.vcpu.get_regs()["rip"]
         return (f"the guest ran {self.limits.timeout:g} s without finishing "
                 f"(--timeout; last RIP {rip:#x})")
 
     def _unexpected(self, reason: int) -> _Stop:
-        vcpu = self.machine.vcpu
+        vcpu = self.vcpu
         regs = vcpu.get_regs()
         where = f" at rip={regs['rip']:#x}"
         if reason == abi.ExitReason.SHUTDOWN:
@@ -336,9 +359,14 @@ class GuestRun:
             name += f" (hardware reason {vcpu.u64(abi.RUN_FAIL_ENTRY_REASON):#x})"
         return _Stop(StopReason.UNEXPECTED_EXIT, f"{name}{where}")
 
-    def _mmio(self, before_raw: bytes) -> bytes:
-        """Handle one KVM_EXIT_MMIO; returns the raw registers after it."""
-        vcpu, layout = self.machine.vcpu, self.layout
+    def _mmio_write(self) -> tuple[int, bytes, bytes, dict[str, int]]:
+        """The KVM_EXIT_MMIO write just reported: GPA, KVM's bytes, the raw
+        registers after it and those registers by name.
+
+        Raises `_Stop` for a read (of memory no memslot backs) and for a
+        write outside the monitored pages.
+        """
+        vcpu, layout = self.vcpu, self.layout
         gpa = vcpu.u64(abi.RUN_MMIO_PHYS_ADDR)
         length = vcpu.u32(abi.RUN_MMIO_LEN)
         is_write = vcpu.run_page[abi.RUN_MMIO_IS_WRITE]
@@ -353,6 +381,12 @@ class GuestRun:
             raise _Stop(StopReason.UNEXPECTED_EXIT, (
                 f"the guest wrote {length} bytes at GPA {gpa:#x}, outside the monitored pages "
                 f"(instruction before rip={after['rip']:#x})"))
+        return gpa, data, after_raw, after
+
+    def _mmio(self, before_raw: bytes) -> bytes:
+        """Handle one KVM_EXIT_MMIO; returns the raw registers after it."""
+        layout = self.layout
+        gpa, data, after_raw, after = self._mmio_write()
         regs = self._event_registers(regs_from_raw(before_raw))
         gla = self._gla_of(gpa, regs)
         code = self._fetch_code(regs)
@@ -421,7 +455,7 @@ class GuestRun:
         The segment and control registers are read at the MMIO exit: none of
         the store families the handler emulates changes them.
         """
-        sregs = self.machine.vcpu.get_sregs()
+        sregs = self.vcpu.get_sregs()
         regs = dict(general)
         for name in ("cs", "ds", "es", "fs", "gs", "ss"):
             segment = getattr(sregs, name)
