@@ -22,8 +22,11 @@ from ptemu.kvm.capture import save_fixture
 from ptemu.kvm.catalog import PROGRAM_NAMES, build_program
 from ptemu.kvm.device import KvmSystem
 from ptemu.kvm.layout import GuestLayout
+from ptemu.kvm.machine import MAX_VCPUS
 from ptemu.kvm.probe import probe_host
+from ptemu.kvm.programs import shared_program
 from ptemu.kvm.runner import RunLimits, RunReport, StopReason, run_guest
+from ptemu.kvm.smp import SmpReport, run_smp, tables_equal_outside
 from ptemu.paging.modes import MODE_NAMES
 
 EXIT_OK = 0
@@ -87,6 +90,9 @@ def register(subparsers: Any) -> None:
                      help="skip the unmonitored reference run of the same program")
     run.add_argument("--show", type=count(0, 1_000_000), default=5, metavar="N",
                      help="disagreements to print in full (default 5)")
+    run.add_argument("--vcpus", type=count(1, MAX_VCPUS), default=None, metavar="N",
+                     help=f"run the shared-entries program on N vCPUs (1..{MAX_VCPUS}), one "
+                          "thread each, all served by one handler; 64-bit code only")
     run.set_defaults(run=run_command, command_name="kvm run")
     probe = commands.add_parser("probe", help="what this host's KVM can do",
                                 description=_PROBE_HELP)
@@ -114,6 +120,8 @@ def run_command(args: argparse.Namespace) -> int:
         args.paging = args.mode_alias
     limits = RunLimits(max_exits=args.max_exits, timeout=args.timeout)
     layout = GuestLayout.create(args.paging, args.code_bits, monitored_pages=args.pages)
+    if args.vcpus is not None:
+        return run_vcpus_command(args, layout, limits)
     program = build_program(args.program, layout, iterations=args.iterations, seed=args.seed,
                             writers=args.writers)
     system = KvmSystem()
@@ -165,3 +173,67 @@ def probe_command(args: argparse.Namespace) -> int:
     if not host.readonly_memslots:
         raise UsageError("this host's KVM has no read-only memslots: ptemu kvm run cannot work")
     return EXIT_OK
+
+
+# --- ptemu kvm run --vcpus N (ptemu.kvm.smp) -------------------------------------
+
+
+def _print_smp_report(report: SmpReport, show: int) -> None:
+    print(f"  exits handled: {report.writes} (KVM_EXIT_MMIO writes from {len(report.vcpus)} "
+          "vCPUs, one shared handler; per vCPU: "
+          + " ".join(str(vcpu.writes) for vcpu in report.vcpus) + ")")
+    print(f"  disagreements: {report.disagreement_count} ({report.raced} writes raced: KVM "
+          "read the entry before another vCPU's commit and agrees given that value; "
+          f"registers set to the handler's after {report.rewritten})")
+    print(f"  events per second: {report.writes_per_second:.0f} ({report.writes} in "
+          f"{report.elapsed:.2f} s, {report.handler_seconds:.2f} s in the handler)")
+    print(f"  vm exits: {report.exits} ({report.steps} single steps)")
+    if report.families:
+        print("  instructions: " + ", ".join(
+            f"{name} {count}" for name, count in sorted(report.families.items())))
+    held = sum(check.holds for check in report.checks)
+    print(f"  final entries: {held} of {len(report.checks)} as computed from the program")
+    for check in report.checks:
+        mark = "" if check.holds else "  WRONG"
+        print(f"    {check.name}: {check.observed:#x} (expected {check.expected:#x}){mark}")
+    print(f"  end: {report.stop} ({report.detail})")
+    for disagreement in report.disagreements[:show]:
+        print(disagreement.describe())
+
+
+def run_vcpus_command(args: argparse.Namespace, layout: GuestLayout, limits: RunLimits) -> int:
+    """``ptemu kvm run --vcpus N``: the shared-entries program on N vCPUs."""
+    if args.program != "stress":
+        raise UsageError(f"--program {args.program}: --vcpus runs its own program (shared "
+                         "counters and bits); --program applies to one-vCPU runs")
+    if args.save_fixture:
+        raise UsageError("--save-fixture: a fixture replays writes in one order; the writes "
+                         "of several vCPUs are not saved")
+    program = shared_program(layout, args.vcpus, args.iterations, args.seed)
+    system = KvmSystem()
+    try:
+        print(f"ptemu kvm: {layout.mode.name} paging, {layout.code_bits}-bit code, program "
+              f"{program.name}, {args.vcpus} vCPUs x {args.iterations} iterations")
+        sys.stdout.flush()
+        report = run_smp(system, layout, program, monitored=True, limits=limits)
+        _print_smp_report(report, args.show)
+        status = EXIT_OK
+        if report.stop is StopReason.REFUSED or report.disagreement_count \
+                or not report.checks_hold:
+            status = EXIT_DISAGREE
+        elif report.stop is not StopReason.HALTED:
+            status = EXIT_GUEST
+        if report.stop is StopReason.HALTED and not args.no_compare:
+            reference = run_smp(system, layout, program, monitored=False, limits=limits)
+            same = reference.stop is StopReason.HALTED and reference.checks_hold and \
+                tables_equal_outside(program, layout, report.final_tables,
+                                     reference.final_tables)
+            print(f"  unmonitored run ({args.vcpus} vCPUs on writable tables, the CPU's own "
+                  f"atomics; {reference.stop}, {reference.elapsed:.3f} s): "
+                  + ("final entries as expected, tables equal outside the ticket sums"
+                     if same else "DIFFERENT"))
+            if not same:
+                status = max(status, EXIT_DISAGREE)
+    finally:
+        system.close()
+    return status
