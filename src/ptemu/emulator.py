@@ -28,7 +28,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 unicorn: Any = _unicorn  # its bindings are only partly typed
 
-from ptemu.decoder.model import DecodedStore
+from ptemu.decoder.model import LOCK, SEGMENT_OVERRIDES, DecodedStore, read_prefixes
 from ptemu.registers import GENERAL_REGISTERS, RFLAGS_RESERVED_ONE, SEGMENT_BASES, register_value
 from ptemu.values import PAGE_OFFSET_MASK, PAGE_SIZE, mask_bits, page_base
 
@@ -185,6 +185,7 @@ class UnicornEmulator:
             raise ValueError(f"at most {MAX_DATA_PAGES} data pages per run")
         engine = self._engine(code_bits)
         uc = engine.uc
+        code = engine_code(code_bits, code)
         get = registers.get
         width = 64 if code_bits == 64 else 32
         low_mask = mask_bits(width)
@@ -318,6 +319,51 @@ class UnicornEmulator:
 
 
 _ZF = 1 << 6
+_REP = 0xF3
+_REX_R = 0x4
+_FS_GS_OVERRIDE = {"fs": 0x64, "gs": 0x65}
+_NEG = 3
+"""ModRM.reg of NEG in the F6/F7 group."""
+
+
+def engine_code(code_bits: int, code: bytes) -> bytes:
+    """`code` with the one instruction at its start re-encoded, at the same
+    length and with the same meaning on the CPU, where Unicorn 2.1 would run
+    the original wrongly:
+
+    - LOCK NEG m: Unicorn computes SF and PF from the operand instead of the
+      result. The engine runs one instruction on private copies, so the lock
+      itself means nothing there: each F0 becomes F3, a prefix the CPU
+      ignores on NEG (SDM vol. 2, 2.1.1: REP applies to string instructions
+      only), and the flags come out as the CPU's.
+    - REX.R on ``C6 /0`` / ``C7 /0`` (MOV m, imm): valid on the CPU (REX.R
+      extends a ModRM.reg that is an opcode extension here, so it is
+      ignored); Unicorn raises #UD. REX.R is cleared.
+
+    - In 64-bit code an ES/CS/SS/DS override after an FS or GS override:
+      the CPU ignores the null override and uses FS/GS; Unicorn takes the last
+      override. Every override byte becomes the FS/GS one that counts.
+
+    Any other code is returned as it is.
+    """
+    prefixes = read_prefixes(code, code_bits)
+    start = prefixes.opcode
+    if code_bits == 64:
+        segment = prefixes.segment(64)
+        if segment is not None:
+            byte = _FS_GS_OVERRIDE[segment]
+            code = bytes(byte if index < start and value in SEGMENT_OVERRIDES else value
+                         for index, value in enumerate(code))
+    if start + 1 >= len(code):
+        return code
+    opcode = code[start]
+    modrm = code[start + 1]
+    if opcode in (0xF6, 0xF7) and LOCK in prefixes.legacy and (modrm >> 3) & 7 == _NEG:
+        head = bytes(_REP if byte == LOCK else byte for byte in code[:start])
+        return head + code[start:]
+    if opcode in (0xC6, 0xC7) and prefixes.rex & _REX_R:
+        return code[:start - 1] + bytes([prefixes.rex & ~_REX_R]) + code[start:]
+    return code
 
 
 def settle_engine_registers(store: DecodedStore, before: Mapping[str, int],

@@ -16,14 +16,13 @@ import capstone
 from capstone import x86_const
 
 from ptemu.decoder.families import FAMILY_BY_INSTRUCTION, Access, Family, MemoryPosition
-from ptemu.decoder.model import SUB_REGISTERS, DecodedStore, MemoryOperand
+from ptemu.decoder.model import SUB_REGISTERS, DecodedStore, MemoryOperand, read_prefixes
 
 MAX_INSTRUCTION_LENGTH = 15
 """The architectural limit on an x86 instruction's length (SDM vol. 2, 2.3.11)."""
 
 _MODES = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
 _STACK_BASES = frozenset({"rbp", "rsp", "ebp", "esp", "bp", "sp"})
-_LOCK = 0xF0
 _REP_PREFIXES = frozenset({0xF2, 0xF3})
 _SCALAR_SSE_STORES = frozenset({"movsd", "movss"})
 
@@ -69,14 +68,16 @@ def _family_of(instruction: Any, name: str) -> Family | None:
     return FAMILY_BY_INSTRUCTION.get(name)
 
 
-def _memory_operand(instruction: Any, operand: Any, *, string_destination: bool) -> MemoryOperand:
+def _memory_operand(instruction: Any, operand: Any, code_bits: int, *,
+                    string_destination: bool) -> MemoryOperand:
     memory = operand.mem
     base = instruction.reg_name(memory.base) if memory.base else None
     index = instruction.reg_name(memory.index) if memory.index else None
+    override = read_prefixes(bytes(instruction.bytes), code_bits).segment(code_bits)
     if string_destination:
         segment = "es"  # STOS/MOVS store through ES:rDI; no override applies.
-    elif memory.segment:
-        segment = instruction.reg_name(memory.segment)
+    elif override is not None:
+        segment = override
     elif base in _STACK_BASES:
         segment = "ss"
     else:
@@ -88,64 +89,12 @@ def _memory_operand(instruction: Any, operand: Any, *, string_destination: bool)
                          displacement=memory.disp, address_bits=instruction.addr_size * 8)
 
 
-_LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
-_OPERAND_SIZE = 0x66
 _EVEX = 0x62
 _EVEX_REFUSED_BITS = 0x97
 """EVEX byte P2 bits z (7), b (4) and aaa (2:0): zeroing, broadcast/rounding
 and the opmask register. ptemu's register set has no opmask registers, so a
 masked store cannot be emulated exactly; z and b on a store are #UD or change
 its meaning."""
-
-
-@dataclass(frozen=True, slots=True)
-class Prefixes:
-    """The prefixes of one instruction, read from its bytes (not from Capstone).
-
-    Capstone reports one group-1 prefix (the last of LOCK/REP/REPNE), so
-    ``f0 f3 89 37`` would look unlocked, and it lets F2/F3 change the operand
-    size it reports for some two-byte opcodes; the bytes themselves tell.
-    """
-
-    legacy: bytes
-    """The legacy prefix bytes in order."""
-    rex: int
-    """The REX byte (64-bit code, immediately before the opcode), or 0."""
-    opcode: int
-    """Offset of the first byte after the prefixes (the opcode, VEX or EVEX)."""
-
-    @property
-    def lock(self) -> bool:
-        return _LOCK in self.legacy
-
-    def operand_size(self, code_bits: int) -> int:
-        """Bytes of a general-purpose operand that is not a byte form (SDM vol. 1,
-        3.6.1 and vol. 2, 2.2.1.2): REX.W gives 8; else 0x66 toggles the default,
-        2 in 16-bit code and 4 in 32/64-bit code. F2/F3 play no part."""
-        if self.rex & 0x8:
-            return 8
-        sixteen = (code_bits == 16) != (_OPERAND_SIZE in self.legacy)
-        return 2 if sixteen else 4
-
-
-def read_prefixes(encoding: bytes, code_bits: int) -> Prefixes:
-    """Split `encoding`'s legacy prefixes and REX from the rest.
-
-    A REX byte followed by a legacy prefix is not a REX prefix of this
-    instruction (SDM vol. 2, 2.2.1: REX must immediately precede the opcode);
-    the CPU ignores it.
-    """
-    rex = 0
-    legacy = bytearray()
-    for offset, byte in enumerate(encoding):
-        if byte in _LEGACY_PREFIXES:
-            legacy.append(byte)
-            rex = 0
-        elif code_bits == 64 and 0x40 <= byte <= 0x4F:
-            rex = byte
-        else:
-            return Prefixes(bytes(legacy), rex, offset)
-    return Prefixes(bytes(legacy), rex, len(encoding))
 
 
 _PTR_WORDS = {1: "byte ptr", 2: "word ptr", 4: "dword ptr", 8: "qword ptr"}
@@ -185,10 +134,11 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
         return DecodeRefusal(f"'{text}' reads memory but stores none")
     destination = operands[destination_index]
     try:
-        memory = _memory_operand(instruction, destination, string_destination=family.string)
+        memory = _memory_operand(instruction, destination, code_bits,
+                                 string_destination=family.string)
         source = None
         if family.string and len(memory_indexes) > 1:
-            source = _memory_operand(instruction, operands[memory_indexes[1]],
+            source = _memory_operand(instruction, operands[memory_indexes[1]], code_bits,
                                      string_destination=False)
     except _Unsupported as refusal:
         return DecodeRefusal(f"'{text}': {refusal}")

@@ -68,6 +68,78 @@ def _build_sub_registers() -> dict[str, SubRegister]:
 SUB_REGISTERS: dict[str, SubRegister] = _build_sub_registers()
 """Every register name Capstone may print for an operand we read."""
 
+LOCK = 0xF0
+LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
+"""LOCK, REPNE, REP, the six segment overrides, operand- and address-size."""
+_OPERAND_SIZE = 0x66
+SEGMENT_OVERRIDES = {0x26: "es", 0x2E: "cs", 0x36: "ss", 0x3E: "ds", 0x64: "fs", 0x65: "gs"}
+
+
+@dataclass(frozen=True, slots=True)
+class Prefixes:
+    """The prefixes of one instruction, read from its bytes (not from Capstone).
+
+    Capstone reports one group-1 prefix (the last of LOCK/REP/REPNE), so
+    ``f0 f3 89 37`` would look unlocked, and it lets F2/F3 change the operand
+    size it reports for some two-byte opcodes; the bytes themselves tell.
+    """
+
+    legacy: bytes
+    """The legacy prefix bytes in order."""
+    rex: int
+    """The REX byte (64-bit code, immediately before the opcode), or 0."""
+    opcode: int
+    """Offset of the first byte after the prefixes (the opcode, VEX or EVEX)."""
+
+    @property
+    def lock(self) -> bool:
+        return LOCK in self.legacy
+
+    def segment(self, code_bits: int) -> str | None:
+        """The segment register an override selects, or None without one.
+
+        Of several overrides the last counts; in 64-bit code ES, CS, SS and DS
+        overrides are null prefixes (SDM vol. 1, 3.3.7.1), so the last FS or
+        GS override counts whatever follows it (host CPU: ``64 26 c7 07``
+        stores through FS).
+        """
+        chosen = None
+        for byte in self.legacy:
+            name = SEGMENT_OVERRIDES.get(byte)
+            if name is not None and (code_bits != 64 or name in ("fs", "gs")):
+                chosen = name
+        return chosen
+
+    def operand_size(self, code_bits: int) -> int:
+        """Bytes of a general-purpose operand that is not a byte form (SDM vol. 1,
+        3.6.1 and vol. 2, 2.2.1.2): REX.W gives 8; else 0x66 toggles the default,
+        2 in 16-bit code and 4 in 32/64-bit code. F2/F3 play no part."""
+        if self.rex & 0x8:
+            return 8
+        sixteen = (code_bits == 16) != (_OPERAND_SIZE in self.legacy)
+        return 2 if sixteen else 4
+
+
+def read_prefixes(encoding: bytes, code_bits: int) -> Prefixes:
+    """Split `encoding`'s legacy prefixes and REX from the rest.
+
+    A REX byte followed by a legacy prefix is not a REX prefix of this
+    instruction (SDM vol. 2, 2.2.1: REX must immediately precede the opcode);
+    the CPU ignores it.
+    """
+    rex = 0
+    legacy = bytearray()
+    for offset, byte in enumerate(encoding):
+        if byte in LEGACY_PREFIXES:
+            legacy.append(byte)
+            rex = 0
+        elif code_bits == 64 and 0x40 <= byte <= 0x4F:
+            rex = byte
+        else:
+            return Prefixes(bytes(legacy), rex, offset)
+    return Prefixes(bytes(legacy), rex, len(encoding))
+
+
 # Address generation runs once per event: plain masks, no calls.
 _RIP_NAMES = frozenset({"rip", "eip"})
 _ADDRESS_MASKS = {16: mask_bits(16), 32: mask_bits(32), 64: mask_bits(64)}
