@@ -272,7 +272,7 @@ class _SharedVcpuRun(GuestRun):
         self.writes += 1
         if result.status is not Status.EMULATED:
             raise _Stop(StopReason.REFUSED, (
-                f"vCPU {self.index}: ptemu's handler returned '{result.status}' for a write "
+                f"ptemu's handler returned '{result.status}' for a write "
                 f"KVM executed: {result.reason or result.fault or 'no reason given'}; "
                 f"rip={regs['rip']:#x} code={code.hex(' ')} gpa={gpa:#x} gla={gla:#x} "
                 f"kvm data={data.hex(' ')}"), refused=result)
@@ -418,12 +418,14 @@ def run_smp(system: KvmSystem, layout: GuestLayout, program: GuestProgram, *,
                                     daemon=True) for index in range(vcpus)]
         start = time.monotonic()
         deadline = start + limits.timeout
+        timed_out = False
         with _interrupter(shared, machine, threads):
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
             if any(thread.is_alive() for thread in threads):
+                timed_out = True
                 shared.interrupt()
                 for thread in threads:
                     thread.join(JOIN_GRACE)
@@ -431,17 +433,7 @@ def run_smp(system: KvmSystem, layout: GuestLayout, program: GuestProgram, *,
         if failures:
             raise failures[0]
         done = [report for report in reports if report is not None]
-        if len(done) < vcpus:
-            stop, detail = StopReason.TIMEOUT, (
-                f"{vcpus - len(done)} vCPU thread(s) did not stop within "
-                f"{limits.timeout:g} s + {JOIN_GRACE:g} s")
-        else:
-            first = next((r for r in done if r.stop not in (StopReason.HALTED,
-                                                            StopReason.STOPPED)), None)
-            if first is None:
-                first = next((r for r in done if r.stop is not StopReason.HALTED), None)
-            stop, detail = (StopReason.HALTED, f"all {vcpus} vCPUs executed HLT") \
-                if first is None else (first.stop, first.detail)
+        stop, detail = _overall_stop(done, vcpus, limits, timed_out)
         final = machine.monitored_bytes()
         families: dict[str, int] = {}
         for report in done:
@@ -452,6 +444,24 @@ def run_smp(system: KvmSystem, layout: GuestLayout, program: GuestProgram, *,
             monitored=monitored, vcpus=tuple(done), stop=stop, detail=detail, elapsed=elapsed,
             initial_tables=initial, final_tables=final,
             checks=check_tables(program, final, layout.monitored_gpa), families=families)
+
+
+def _overall_stop(done: list[RunReport], vcpus: int, limits: RunLimits,
+                  timed_out: bool) -> tuple[StopReason, str]:
+    """How a run of several vCPUs ended: the first vCPU's own reason, else the time bound."""
+    if len(done) < vcpus:
+        return StopReason.TIMEOUT, (f"{vcpus - len(done)} vCPU thread(s) did not stop within "
+                                    f"{limits.timeout:g} s + {JOIN_GRACE:g} s")
+    for report in done:
+        if report.stop not in (StopReason.HALTED, StopReason.STOPPED):
+            return report.stop, f"vCPU {done.index(report)}: {report.detail}"
+    if timed_out:
+        return StopReason.TIMEOUT, (f"the guest ran {limits.timeout:g} s without finishing "
+                                    "(--timeout)")
+    for report in done:
+        if report.stop is StopReason.STOPPED:
+            return report.stop, report.detail
+    return StopReason.HALTED, f"all {vcpus} vCPUs executed HLT"
 
 
 def tables_equal_outside(program: GuestProgram, layout: GuestLayout, first: bytes,
