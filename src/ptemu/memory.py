@@ -147,8 +147,6 @@ class _Region:
     buffer: Any
     address: int
     """Host address of the buffer's first byte."""
-    anchor: Any
-    """The ctypes export that pins the buffer, or None when not pinned."""
 
 
 class MappedGuestMemory:
@@ -182,7 +180,7 @@ class MappedGuestMemory:
     The memory holds no state of its own, so any number of threads may use it.
     """
 
-    __slots__ = ("_library", "_pinned", "_regions", "_starts")
+    __slots__ = ("_anchors", "_library", "_pinned", "_regions", "_starts")
 
     def __init__(self, regions: Iterable[tuple[int, Any]], *, pin: bool = True,
                  library: Libatomic | None = None) -> None:
@@ -190,6 +188,9 @@ class MappedGuestMemory:
         self._library.check_widths()
         self._pinned = pin
         made: list[_Region] = []
+        # The ctypes exports that pin the buffers, kept apart from the regions
+        # so that a traceback holding a region does not keep a buffer pinned.
+        self._anchors: list[Any] = []
         for gpa, buffer in regions:
             if isinstance(gpa, bool) or not isinstance(gpa, int) or gpa < 0:
                 raise UsageError(f"mapped region GPA {gpa!r}: expected a non-negative integer")
@@ -203,7 +204,9 @@ class MappedGuestMemory:
                 raise UsageError(
                     f"mapped region at GPA {gpa:#x} lies at host address {address:#x}: the two "
                     f"must agree modulo {ATOMIC_WIDTHS[-1]} (an mmap's page alignment does)")
-            made.append(_Region(gpa, len(buffer), buffer, address, anchor if pin else None))
+            made.append(_Region(gpa, len(buffer), buffer, address))
+            if pin:
+                self._anchors.append(anchor)
             del anchor
         made.sort(key=lambda region: region.gpa)
         for low, high in itertools.pairwise(made):
@@ -288,3 +291,4 @@ class MappedGuestMemory:
         """Unpin the buffers (their owner may close them); later calls raise."""
         self._regions = ()
         self._starts = []
+        self._anchors = []
