@@ -180,7 +180,7 @@ def probe_command(args: argparse.Namespace) -> int:
 
 def _print_smp_report(report: SmpReport, show: int) -> None:
     print(f"  exits handled: {report.writes} (KVM_EXIT_MMIO writes from {len(report.vcpus)} "
-          "vCPUs, one shared handler; per vCPU: "
+          "vCPU(s), one shared handler; per vCPU: "
           + " ".join(str(vcpu.writes) for vcpu in report.vcpus) + ")")
     print(f"  disagreements: {report.disagreement_count} ({report.raced} writes raced: KVM "
           "read the entry before another vCPU's commit and agrees given that value; "

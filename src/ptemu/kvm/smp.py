@@ -264,10 +264,10 @@ class _SharedVcpuRun(GuestRun):
         event = WriteEvent(gpa=gpa, gla=gla, regs=regs, code=code,
                            code_bits=self.layout.code_bits)
         self.handler_vcpu.begin_exit()
-        started = time.perf_counter()
         with self.shared.handler_lock:  # until PtWriteHandler locks itself
+            started = time.perf_counter()
             result = self.handler.handle_ept_write(self.handler_vcpu, event)
-        self.handler_seconds += time.perf_counter() - started
+            self.handler_seconds += time.perf_counter() - started
         index = self.writes
         self.writes += 1
         if result.status is not Status.EMULATED:
@@ -461,7 +461,7 @@ def _overall_stop(done: list[RunReport], vcpus: int, limits: RunLimits,
     for report in done:
         if report.stop is StopReason.STOPPED:
             return report.stop, report.detail
-    return StopReason.HALTED, f"all {vcpus} vCPUs executed HLT"
+    return StopReason.HALTED, f"every vCPU ({vcpus}) executed HLT"
 
 
 def tables_equal_outside(program: GuestProgram, layout: GuestLayout, first: bytes,
