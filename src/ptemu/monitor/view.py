@@ -301,13 +301,19 @@ class View:
     # -- writes -----------------------------------------------------------------
 
     def holders(self, entry_gpa: int) -> list[tuple[Position, int]]:
-        """Every (position, index) whose table holds the entry at `entry_gpa`."""
+        """Every (position, index) whose table holds the entry at `entry_gpa` and
+        whose range a watch of that position's space covers."""
         found = []
         table_bytes_by_level = [level.entries * self.entry_size for level in self.mode.levels]
         for position in self.pages.get(entry_gpa & ~PAGE_OFFSET_MASK, ()):
             offset = entry_gpa - position.table_gpa
             if 0 <= offset < table_bytes_by_level[position.level_index]:
-                found.append((position, offset // self.entry_size))
+                index = offset // self.entry_size
+                level = self.mode.levels[position.level_index]
+                start = position.base + (index << level.shift)
+                # An entry outside the space's watched ranges is not followed.
+                if intersect(position.space.intervals, start, start + level.entry_span):
+                    found.append((position, index))
         return found
 
     def is_pdpte(self, position: Position) -> bool:
