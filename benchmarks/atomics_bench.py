@@ -18,6 +18,9 @@ import timeit
 from collections.abc import Callable
 
 from ptemu.atomic import ATOMIC_WIDTHS, AtomicBuffer, libatomic
+from ptemu.handler import PtWriteHandler, WriteEvent
+from ptemu.memory import InMemoryGuestMemory, MappedGuestMemory
+from ptemu.vcpu import Vcpu
 
 CALLS = 50_000
 RUNS = 5
@@ -143,5 +146,41 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def guest_memories() -> None:
+    """A commit through each guest memory, and one handler event through each."""
+    buffer = mmap.mmap(-1, mmap.PAGESIZE)
+    mapped = MappedGuestMemory([(0x7000, buffer)])
+    in_memory = InMemoryGuestMemory([(0x7000, bytes(mmap.PAGESIZE))])
+    print("\n| guest memory | 8-byte entry | 16 bytes | 2 bytes inside an entry |")
+    print("|---|---|---|---|")
+    for name, memory in (("InMemoryGuestMemory (not shared)", in_memory),
+                         ("MappedGuestMemory (hardware CAS)", mapped)):
+        cells = [best_us(lambda memory=memory, gpa=gpa, size=size:  # type: ignore[misc]
+                         memory.compare_and_store(gpa, bytes(size), bytes(size)))
+                 for gpa, size in ((0x7008, 8), (0x7010, 16), (0x7022, 2))]
+        print(f"| {name} | " + " | ".join(f"{cell:.2f}" for cell in cells) + " |")
+    print("\n| handler event, engine auto | InMemoryGuestMemory | MappedGuestMemory |")
+    print("|---|---|---|")
+    for text, code in (("lock or qword [rdi], rax", "f0480907"),
+                       ("mov qword [rdi], rax", "488907")):
+        cells = []
+        for memory in (in_memory, mapped):
+            handler = PtWriteHandler(memory, "4level")
+            vcpu = Vcpu()
+            event = WriteEvent(gpa=0x7040, gla=0xFFFF888000007040,
+                               regs={"rip": 0x401000, "rdi": 0xFFFF888000007040, "rax": 0x20},
+                               code=bytes.fromhex(code), code_bits=64)
+
+            def deliver(handler: PtWriteHandler = handler, vcpu: Vcpu = vcpu,
+                        event: WriteEvent = event) -> object:
+                vcpu.begin_exit()
+                return handler.handle_ept_write(vcpu, event)
+            cells.append(best_us(deliver))
+        print(f"| `{text}` | {cells[0]:.2f} | {cells[1]:.2f} |")
+    mapped.close()
+    buffer.close()
+
+
 if __name__ == "__main__":
     main()
+    guest_memories()
