@@ -11,7 +11,8 @@ to the others.
 We reach those instructions through GCC's ``libatomic`` (``libatomic.so.1``,
 installed wherever GCC is; Debian's package ``libatomic1``) with `ctypes`,
 rather than machine code of our own. Why libatomic and how fast it is
-(about 1 us per call, the ``atomics`` package 8 to 12 us): benchmarks/atomics.md.
+(about 1.2 us per call here, 2 us for 16 bytes; the ``atomics`` package 9 to
+10 us and no 16-byte width): benchmarks/atomics.md.
 
 Lock-freedom is what matters: libatomic falls back to a lock of its own for a
 width the CPU cannot do in one instruction, and such a lock is not atomic with
