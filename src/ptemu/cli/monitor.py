@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from ptemu.errors import PtemuError, UsageError
 from ptemu.fixtures import load_fixture
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = _Parser(prog="ptemu")
     subparsers = parser.add_subparsers(dest="command", parser_class=_Parser)
-    register(subparsers)
+    register(cast("argparse._SubParsersAction[argparse.ArgumentParser]", subparsers))
     args = parser.parse_args(["monitor", *(sys.argv[1:] if argv is None else argv)])
     try:
         status: int = args.run(args)
