@@ -1,11 +1,6 @@
-"""``ptemu monitor`` on the worked example of docs/monitor.md.
-
-Until the dispatcher lists ``ptemu.cli.monitor``, the command runs through the
-module's own entry point (``python -m ptemu.cli.monitor``, same parser, errors
-and exit codes). Once it is registered, set ``COMMAND`` to
-``[sys.executable, "-m", "ptemu", "monitor"]`` and every test runs the real
-``ptemu`` dispatcher.
-"""
+"""``ptemu monitor`` on the worked example of docs/monitor.md, through the real
+``ptemu`` dispatcher in a subprocess (``python -m ptemu.cli.monitor`` is the same
+command, should the dispatcher ever not list it)."""
 
 from __future__ import annotations
 
@@ -16,7 +11,7 @@ import sys
 import pytest
 from example_trace import DATA_FILE, example_fixture
 
-COMMAND = [sys.executable, "-m", "ptemu.cli.monitor"]
+COMMAND = [sys.executable, "-m", "ptemu", "monitor"]
 
 
 def ptemu_monitor(*args: str) -> subprocess.CompletedProcess[str]:

@@ -22,9 +22,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import cast
 
-from ptemu.errors import PtemuError, UsageError
+from ptemu.cli.options import hex_number
+from ptemu.errors import UsageError
 from ptemu.fixtures import load_fixture
 from ptemu.handler import WriteEvent
 from ptemu.memory import InMemoryGuestMemory
@@ -41,27 +41,19 @@ from ptemu.values import PAGE_SIZE, hex_int
 from ptemu.vcpu import Vcpu
 
 EXIT_OK = 0
-EXIT_USAGE = 2
 SPACES = ("all", "user", "kernel")
 
 JsonObject = dict[str, object]
 
 
-def _hex(text: str) -> int:
-    """A number written in hex with its 0x prefix (the only spelling accepted)."""
-    body = text.strip().lower()
-    if not body.startswith("0x") or len(body) == 2:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a hex number with 0x")
-    try:
-        return int(body, 16)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a hex number with 0x") from None
+_hex = hex_number(64)
+"""A number written in hex with its 0x prefix (the only spelling accepted)."""
 
 
 def _watch(text: str) -> tuple[int, int]:
     """``GLA[:SIZE]``, both hex with 0x; SIZE defaults to one page."""
-    gla, _, size = text.partition(":")
-    return _hex(gla), _hex(size) if size else PAGE_SIZE
+    gla, colon, size = text.partition(":")
+    return _hex(gla), _hex(size) if colon else PAGE_SIZE
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -221,23 +213,10 @@ def _change_object(event: int, change: TranslationChange) -> JsonObject:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``ptemu monitor`` alone (until the dispatcher lists this module):
-    ``python -m ptemu.cli.monitor FIXTURE ...``. Same errors and exit codes."""
-    from ptemu.cli import _Parser
+    """``python -m ptemu.cli.monitor ARGS`` is ``ptemu monitor ARGS``."""
+    from ptemu.cli import main as ptemu_main
 
-    parser = _Parser(prog="ptemu")
-    subparsers = parser.add_subparsers(dest="command", parser_class=_Parser)
-    register(cast("argparse._SubParsersAction[argparse.ArgumentParser]", subparsers))
-    args = parser.parse_args(["monitor", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        status: int = args.run(args)
-    except PtemuError as error:
-        print(f"ptemu monitor: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:
-        sys.stderr.close()
-        return EXIT_OK
-    return status
+    return ptemu_main(["monitor", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
