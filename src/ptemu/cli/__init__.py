@@ -32,7 +32,6 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "ptemu.cli.capture",
     "ptemu.cli.bench",
     "ptemu.cli.kvm",
-    "ptemu.cli.monitor",
 )
 """Subcommand modules, in the order `ptemu --help` lists them."""
 
