@@ -134,8 +134,8 @@ def _check(bits, form, values, offset, flags, page_bytes, source_bytes, vectors)
         if not PAGE <= gla < PAGE + 4096:
             event("bit-base address off the page")
             return
-    elif string and regs["rflags"] & 0x400:
-        gla = PAGE + offset  # DF=1: the first store is at rDI
+    elif string:
+        gla = PAGE + offset  # the first store is at rDI (it may leave its bytes unchanged)
     result = handler.handle_ept_write(vcpu, WriteEvent(gla, gla, event_regs, code, bits))
     if native.outcome is Outcome.FAULTED:
         # A #PF: only the page-end of a REP string (or a read past the source).

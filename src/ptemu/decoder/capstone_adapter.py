@@ -90,6 +90,28 @@ def _memory_operand(instruction: Any, operand: Any, code_bits: int, *,
 
 
 _EVEX = 0x62
+_NOT_PREFIXED = (0x66, 0xF2, 0xF3)
+_SSE_FAMILIES = frozenset({"vector-store", "aligned-vector-store"})
+_SSE_PREFIX = {
+    **dict.fromkeys(("movups", "movaps", "movntps", "movlps", "movhps"), "none"),
+    **dict.fromkeys(("movupd", "movapd", "movntpd", "movlpd", "movhpd", "movdqa", "movntdq",
+                     "movq", "movd"), "66"),
+    **dict.fromkeys(("movss", "movdqu"), "f3"),
+    "movsd": "f2",
+}
+"""The mandatory prefix of each SSE store ptemu emulates (SDM vol. 2; MMX forms
+of MOVD/MOVQ have none, but name an mm register, which is refused)."""
+
+
+def _sse_prefix(legacy: bytes) -> str:
+    """The mandatory prefix the CPU sees (SDM vol. 2, 2.1.2): F2/F3 over 66;
+    with both F2 and F3 it is not defined here ("both")."""
+    repeats = {byte for byte in legacy if byte in (0xF2, 0xF3)}
+    if len(repeats) == 2:
+        return "both"
+    if repeats:
+        return f"{repeats.pop():x}"
+    return "66" if 0x66 in legacy else "none"
 _EVEX_REFUSED_BITS = 0x97
 """EVEX byte P2 bits z (7), b (4) and aaa (2:0): zeroing, broadcast/rounding
 and the opmask register. ptemu's register set has no opmask registers, so a
@@ -142,7 +164,6 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
                                      string_destination=False)
     except _Unsupported as refusal:
         return DecodeRefusal(f"'{text}': {refusal}")
-    prefix = instruction.prefix[0]
     encoding = bytes(instruction.bytes)
     prefixes = read_prefixes(encoding, code_bits)
     lock = prefixes.lock
@@ -150,6 +171,21 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
         # SDM vol. 2, LOCK: #UD unless the instruction is a read-modify-write
         # with a memory destination, so these bytes never store anything.
         return DecodeRefusal(f"'{text}': LOCK on {name} raises #UD")
+    if family.name == "movnti" and any(byte in prefixes.legacy for byte in _NOT_PREFIXED):
+        # SDM vol. 2, MOVNTI is "NP 0F C3": a 66, F2 or F3 prefix raises #UD
+        # (host CPU: 66 67 0f c3 37), wherever it stands among the prefixes.
+        return DecodeRefusal(f"'{text}': MOVNTI with a 66/F2/F3 prefix raises #UD")
+    if family.name in _SSE_FAMILIES:
+        expected = _SSE_PREFIX.get(name)
+        if expected is None or _sse_prefix(prefixes.legacy) != expected:
+            # Capstone picks the mandatory prefix wrongly when other prefixes
+            # stand between (it reads f2 26 66 0f 29 as MOVAPD; the CPU: #UD).
+            return DecodeRefusal(f"'{text}': its mandatory prefix is not "
+                                 f"{expected if expected is not None else 'known'}")
+    if family.register_store and (prefixes.rex or any(
+            byte in prefixes.legacy for byte in (*_NOT_PREFIXED, 0xF0))):
+        # SDM vol. 2, 2.3.2: 66, F2, F3, LOCK or REX before VEX/EVEX: #UD.
+        return DecodeRefusal(f"'{text}': a 66/F2/F3/LOCK/REX prefix before VEX raises #UD")
     if encoding[prefixes.opcode:prefixes.opcode + 1] == bytes([_EVEX]) \
             and family.register_store and len(encoding) > prefixes.opcode + 3 \
             and encoding[prefixes.opcode + 3] & _EVEX_REFUSED_BITS:
@@ -183,7 +219,9 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
         code_bits=code_bits,
         destination=memory,
         access_size=access_size,
-        rep=family.string and prefix in _REP_PREFIXES,
+        # From the bytes: Capstone drops the F2 of ``f2 a5`` (REPNE MOVSD, which
+        # the CPU repeats as REP MOVSD), reading it as SSE's MOVSD name.
+        rep=family.string and any(byte in _REP_PREFIXES for byte in prefixes.legacy),
         lock=lock,
         bit_offset_register=bit_offset_register,
         source=source,
