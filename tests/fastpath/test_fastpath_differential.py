@@ -57,6 +57,15 @@ FORMS64 = [
     # INC / DEC / NOT / NEG
     "f0 48 ff 07", "48 ff 0f", "fe 07", "66 ff 0f", "ff 07", "f0 fe 0f",
     "f0 48 f7 17", "48 f7 1f", "f6 17", "66 f7 1f", "f7 1f", "f6 1f",
+    # Unicorn 2.1 errata the engine module corrects (`ptemu.emulator.engine_code`): LOCK NEG
+    # (SF/PF from the operand), REX.R on MOV m, imm (#UD in Unicorn).
+    "f0 48 f7 1f", "f0 f7 1f", "f0 66 f7 1f", "f0 f6 1f", "f0 4c f7 1f",
+    "4c c6 07 80", "44 c7 07 67 50 34 92", "4c c7 07 67 50 34 92",
+    # Operand size from the prefixes, not Capstone (F2/F3 change nothing).
+    "66 f3 0f ba 2f 17", "f2 f0 66 0f b1 37", "f3 66 0f ab 37", "66 f3 f0 0f c1 37",
+    # MOV moffs: 64-bit address, 67 (32-bit address), 66 and REX.W.
+    "48 a3 00 08 00 80 ff 7f 00 00", "a2 07 08 00 80 ff 7f 00 00", "66 a3 02 08 00 80 ff 7f 00 00",
+    "a3 04 08 00 80 ff 7f 00 00", "67 48 a3 00 08 00 40", "67 66 a3 02 08 00 40",
 ]
 FORMS32 = [
     "89 37", "66 89 37", "88 37", "88 27", "c7 07 67 50 34 12", "66 c7 07 34 82", "c6 07 80",
@@ -71,6 +80,9 @@ FORMS32 = [
     "f0 0f c1 37", "0f c0 37", "66 0f c1 37", "01 37", "29 37", "11 37", "f0 19 37", "00 37",
     "83 07 80", "80 17 ff", "80 1f 01",
     "f0 ff 07", "ff 0f", "fe 07", "66 ff 0f", "f7 17", "f7 1f", "f6 1f", "66 f7 17",
+    "f0 f7 1f", "f0 66 f7 1f", "f0 f6 1f", "66 f3 0f ba 2f 17", "f2 f0 66 0f b1 37",
+    # MOV moffs: the offset counts from DS base (PAGE32); 67: a 2-byte offset.
+    "a3 00 08 00 00", "66 a3 02 08 00 00", "a2 07 08 00 00", "67 a3 04 08", "67 66 a3 06 08",
 ]
 FORMS16 = [
     "89 35", "66 89 35", "88 35", "88 25", "c7 05 34 12", "66 c7 05 67 50 34 12", "c6 05 80",
@@ -82,6 +94,8 @@ FORMS16 = [
     "0f ba 2d 01", "66 0f ba 35 1f", "0f ab 35", "66 0f b3 35", "f0 0f bb 35",
     "0f c1 35", "66 0f c1 35", "01 35", "29 35", "11 35", "19 35", "83 05 80",
     "ff 05", "66 ff 0d", "f7 15", "f7 1d", "f6 1d",
+    "f0 f7 1d", "f0 66 f7 1d", "f0 f6 1d", "f3 0f ba 2d 17", "f2 f0 0f b1 35",
+    "a3 00 08", "66 a3 04 08", "a2 07 08", "67 a3 00 08 00 00", "67 66 a3 04 08 00 00",
 ]
 BIT_OFFSET_FORMS = {"0f ab", "0f b3", "0f bb"}
 
