@@ -50,12 +50,21 @@ FORMS64 = [
     "f0 48 0f c7 0f", "0f 11 37", "0f 29 37", "66 0f 7f 37", "f3 0f 7f 37", "66 0f e7 37",
     "66 0f d6 37", "66 48 0f 7e 37", "66 0f 7e 37", "f2 0f 11 37", "0f 13 37",
     "c5 fe 7f 37", "c5 fa 7f 37", "c5 fd 7f 37", "c5 fc 11 37",
+    # MOV moffs (PAGE + 0x800): 64-bit address, 66, REX.W, REX.WR, 67 (32-bit address)
+    "48 a3 00 08 00 10 00 00 00 00", "a3 00 08 00 10 00 00 00 00",
+    "66 a3 02 08 00 10 00 00 00 00", "a2 07 08 00 10 00 00 00 00",
+    "4c a3 00 08 00 10 00 00 00 00", "67 48 a3 00 08 00 10", "67 66 a3 06 08 00 10",
+    # Classes of issue 11: LOCK NEG flags, REX.R on MOV imm, word BT*/CMPXCHG under F2/F3
+    "f0 48 f7 1f", "f0 f6 1f", "4c c6 07 01", "4c c7 07 67 50 34 92", "66 f3 0f ba 2f 17",
+    "f2 f0 66 0f b1 37", "f3 66 0f ab 37", "66 f3 f0 0f c1 37",
 ]
 FORMS32 = [
     "89 37", "66 89 37", "88 37", "c7 07 67 50 34 12", "ab", "aa", "87 37", "f0 0f b1 37",
     "f0 0f c7 0f", "f0 21 37", "09 37", "31 37", "f0 80 27 fd", "f0 0f ba 2f 01", "0f ab 37",
     "0f b3 37", "0f bb 37", "f0 0f c1 37", "01 37", "f0 ff 07", "f7 1f", "19 37",
     "f3 ab", "f3 aa", "f3 a5", "0f c3 37", "0f 11 37", "66 0f d6 37",
+    "a3 00 08 00 10", "66 a3 02 08 00 10", "a2 07 08 00 10", "f0 f7 1f", "f2 f0 66 0f b1 37",
+    "66 f3 0f ba 2f 17",
 ]
 
 
@@ -81,7 +90,7 @@ def _check(bits, form, values, offset, flags, page_bytes, source_bytes, vectors)
     names = GPRS64 if bits == 64 else GPRS32
     mask = (1 << bits) - 1
     regs = {name: value & mask for name, value in zip(names, values)}
-    string = any(op in form for op in ("ab", "aa", "a5", "a4")) and "0f" not in form
+    string = any(op in form.split() for op in ("ab", "aa", "a5", "a4")) and "0f" not in form
     regs["rdi"] = PAGE + offset
     if "a5" in form or "a4" in form:
         regs["rsi"] = SOURCE + offset
@@ -134,6 +143,9 @@ def _check(bits, form, values, offset, flags, page_bytes, source_bytes, vectors)
         if not PAGE <= gla < PAGE + 4096:
             event("bit-base address off the page")
             return
+    elif " a3 " in f" {form} " or " a2 " in f" {form} ":
+        address_bytes = 4 if bits == 32 or "67" in form else 8
+        gla = int.from_bytes(code[-address_bytes:], "little")  # the moffs
     elif string:
         gla = PAGE + offset  # the first store is at rDI (it may leave its bytes unchanged)
     result = handler.handle_ept_write(vcpu, WriteEvent(gla, gla, event_regs, code, bits))

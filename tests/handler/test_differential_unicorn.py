@@ -32,11 +32,16 @@ FORMS64 = [
     "f0 48 0f ba 2f 01", "48 0f ba 37 3f", "f0 48 0f ba 3f 07", "48 0f ab 37", "f0 48 0f b3 37",
     "48 0f bb 37", "f0 48 0f c1 37", "f0 48 01 37", "48 29 37", "48 11 37", "48 19 37",
     "f0 48 ff 07", "48 ff 0f", "f0 48 f7 17", "48 f7 1f", "48 0f c3 37", "f0 48 83 07 20",
+    # MOV moffs at PAGE + 0x800: 64-bit address (REX.W, none, 66, A2), 67: a 32-bit one
+    "48 a3 00 08 20 00 00 00 00 00", "a3 04 08 20 00 00 00 00 00",
+    "66 a3 02 08 20 00 00 00 00 00", "a2 07 08 20 00 00 00 00 00", "67 48 a3 00 08 20 00",
+    "67 66 a3 06 08 20 00",
 ]
 FORMS32 = [
     "89 37", "66 89 37", "88 17", "c7 07 67 50 34 12", "ab", "87 37", "f0 0f b1 37",
     "f0 0f c7 0f", "f0 21 37", "09 37", "31 37", "f0 80 27 fd", "f0 0f ba 2f 01", "0f ab 37",
     "0f b3 37", "0f bb 37", "f0 0f c1 37", "01 37", "f0 ff 07", "f7 1f",
+    "a3 00 08 20 00", "66 a3 02 08 20 00", "a2 07 08 20 00",
 ]
 UNDEFINED = {"21": 0x10, "09": 0x10, "31": 0x10, "80": 0x10, "0f ba": 0x894, "0f ab": 0x894,
              "0f b3": 0x894, "0f bb": 0x894}
@@ -83,6 +88,9 @@ def _check(code_bits, code_hex, values, offset, flags, entry):
     vcpu.begin_exit()
     # The faulting byte: the first byte the instruction writes (bit-base for BT* reg).
     gla = PAGE + offset
+    if " a3 " in f" {code_hex} " or " a2 " in f" {code_hex} ":
+        address_bytes = 4 if code_bits == 32 or "67" in code_hex else 8
+        gla = int.from_bytes(code[-address_bytes:], "little")  # the moffs
     if code_hex.endswith(("0f ab 37", "0f b3 37", "0f bb 37")):
         width = 64 if code_hex.startswith(("48", "f0 48")) else 32
         bit = regs["rsi"] & ((1 << width) - 1)
