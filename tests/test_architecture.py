@@ -15,7 +15,7 @@ LAYERS = {
     "decoder.families": 2, "decoder.model": 2,
     "decoder.capstone_adapter": 3, "emulator": 3, "fastpath": 3, "bench": 5,
     "vcpu": 4, "handler": 4,
-    "fixtures": 5, "capture": 5, "kvm": 5,
+    "fixtures": 5, "capture": 5, "kvm": 5, "monitor": 5,
     "cli": 6, "__main__": 6, "__init__": 6, "decoder": 2,
 }
 CAPSTONE_USERS = {"decoder.capstone_adapter", "bench.naive"}
