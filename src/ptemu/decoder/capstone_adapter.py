@@ -164,6 +164,11 @@ def _to_store(instruction: Any, code_bits: int) -> DecodedStore | DecodeRefusal:
                                      string_destination=False)
     except _Unsupported as refusal:
         return DecodeRefusal(f"'{text}': {refusal}")
+    if code_bits == 32 and memory.segment == "cs":
+        # SDM vol. 3, 5.5: a code segment is never writable in protected mode,
+        # so the store raises #GP(0) before paging is consulted (host CPU:
+        # 2e 89 37). 16-bit code may run in real mode, where CS is writable.
+        return DecodeRefusal(f"'{text}': a store through CS raises #GP(0) in 32-bit code")
     encoding = bytes(instruction.bytes)
     prefixes = read_prefixes(encoding, code_bits)
     lock = prefixes.lock
