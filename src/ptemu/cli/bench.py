@@ -31,6 +31,9 @@ def register(subparsers: Any) -> None:
                         help="events per round for the slow naive pipeline (default 300)")
     parser.add_argument("--no-scaling", action="store_true",
                         help="skip the state-size scaling measurements")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time whole processes: `ptemu replay` of a 20,000-event "
+                        "synthetic trace against the naive script, start-up subtracted")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
@@ -41,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     report = run_benchmark(events=args.events, rounds=args.rounds,
                            naive_events=args.naive_events, scaling=not args.no_scaling,
                            progress=sys.stderr if sys.stderr.isatty() else None)
+    if args.end_to_end:
+        from ptemu.bench.endtoend import run_end_to_end
+
+        report["end_to_end"] = run_end_to_end(
+            rounds=args.rounds, progress=sys.stderr if sys.stderr.isatty() else None)
     report["machine"] = {"python": platform.python_version(), "platform": platform.platform(),
                          "processor": platform.processor() or platform.machine()}
     if args.json:
@@ -49,4 +57,8 @@ def run(args: argparse.Namespace) -> int:
         from ptemu.bench.report import render_text
 
         print(render_text(report))
+        if args.end_to_end:
+            from ptemu.bench.endtoend import render_end_to_end
+
+            print(render_end_to_end(report["end_to_end"]))
     return 0
