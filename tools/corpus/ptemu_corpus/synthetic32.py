@@ -113,6 +113,21 @@ def synthetic_pae(rng: random.Random) -> Iterator[Trace]:
     g.call("gs", rcx=0)
     yield g.trace()
 
+    g = guest("mov-moffs", paging, 32, rng,
+              "MOV moffs (A3) in 32-bit code: 4 and 2 bytes, and an FS override whose "
+              "base + offset wraps at 4 GiB")
+    g.entries = {i: v.pte() for i in (60, 61, 62)}
+    fs_base = 0xF000_0000
+    g.segments = {"fs_base": fs_base}
+    g.blob("abs", "a3 " + g.entry(60).to_bytes(4, "little").hex(" ") + " c3")
+    g.blob("absw", "66 a3 " + (g.entry(61) + 4).to_bytes(4, "little").hex(" ") + " c3")
+    wrapped = (g.entry(62) - fs_base) & 0xFFFF_FFFF
+    g.blob("fs", "64 a3 " + wrapped.to_bytes(4, "little").hex(" ") + " c3")
+    g.call("abs", rax=v.pte() & 0xFFFF_FFFF)       # mov [moffs32], eax
+    g.call("absw", rax=0x8000)                     # mov [moffs32], ax (high half's low word)
+    g.call("fs", rax=v.pte() & 0xFFFF_FFFF)        # mov fs:[moffs32], eax
+    yield g.trace()
+
     g = guest("address-size-16bit-in-32bit-code", paging, 32, rng,
               "0x67 in 32-bit code: 16-bit addressing [bx+si] and [bx+si+disp8] with a "
               "DS base; coalesced halves")

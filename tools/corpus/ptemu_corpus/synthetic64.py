@@ -215,6 +215,30 @@ def synthetic_64(paging: str, rng: random.Random) -> Iterator[Trace]:
     g.call("a67w", rdi=0xBEEF_0000_0000_0000 | g.entry(3), rsi=0x0027)
     yield g.trace()
 
+    g = guest("mov-moffs-absolute", paging, 64, rng,
+              "MOV moffs (A3, movabs): 64-bit absolute addresses with REX.W, 66 and a GS "
+              "override")
+    g.entries = {i: v.pte() for i in (2, 3, 4)}
+    assert g.table_gla is not None
+    g.segments = {"gs_base": g.table_gla - 0x5000}
+    g.blob("abs", "48 a3 " + g.entry(2).to_bytes(8, "little").hex(" ") + " c3")
+    g.blob("absw", "66 a3 " + g.entry(3).to_bytes(8, "little").hex(" ") + " c3")
+    g.blob("gs", "65 48 a3 " + (0x5000 + 8 * 4).to_bytes(8, "little").hex(" ") + " c3")
+    g.call("abs", rax=v.pte())                     # mov [moffs64], rax
+    g.call("absw", rax=0x0067)                     # mov [moffs64], ax
+    g.call("gs", rax=v.pte())                      # mov gs:[moffs64], rax
+    yield g.trace()
+
+    g = guest("mov-moffs-32bit-address", paging, 64, rng,
+              "67 A3: a 4-byte moffs in 64-bit code, zero-extended", table_gpa=low_gpa + 0x1000,
+              table_gla=low_gpa + 0x1000)
+    g.entries = {i: v.pte() for i in (6, 7)}
+    g.blob("a67", "67 a3 " + g.entry(6).to_bytes(4, "little").hex(" ") + " c3")
+    g.blob("a67q", "67 48 a3 " + g.entry(7).to_bytes(4, "little").hex(" ") + " c3")
+    g.call("a67", rax=0xFFFF_FFFF_0000_0000 | (v.pte() & 0xFFFF_FFFF))  # mov [moffs32], eax
+    g.call("a67q", rax=v.pte())                                         # mov [moffs32], rax
+    yield g.trace()
+
     g = guest("accessed-bit-set-by-cpu-between-events", paging, 64, rng,
               "the CPU sets A then D between the guest's writes (memory patches)")
     g.entries = {5: 0}
@@ -319,7 +343,7 @@ def synthetic_64(paging: str, rng: random.Random) -> Iterator[Trace]:
 SYNTHETIC_5LEVEL = frozenset({
     "mov-register-1-2-4-8-bytes", "cmpxchg-match-and-mismatch", "cmpxchg8b-cmpxchg16b",
     "and-or-xor", "bts-btr-btc-immediate", "addressing-rip-relative-and-absolute",
-    "segment-override-fs-gs", "accessed-bit-set-by-cpu-between-events",
+    "segment-override-fs-gs", "accessed-bit-set-by-cpu-between-events", "mov-moffs-absolute",
     "lock-and-byte-hvmi", "stos-without-rep-df0-df1"})
 """The 64-bit snippets also captured under 5-level paging (the kernel functions
 cover the rest there)."""
