@@ -72,8 +72,8 @@ def register(subparsers: Any) -> None:
                      help="loop iterations of the guest program (default 100); the kernel "
                           "program calls each writer this many times")
     run.add_argument("--writers", metavar="PATH",
-                     help="kernel-writer records for --program kernel (default: the corpus's "
-                          "kernel_writers.json)")
+                     help="kernel-writer records for --program kernel (default: the "
+                          "records shipped with ptemu, taken from Debian's kernels)")
     run.add_argument("--seed", type=count(0, (1 << 64) - 1), default=1, metavar="N",
                      help="seed of values and entries, decimal (default 1)")
     run.add_argument("--pages", type=count(1, 64), default=4, metavar="N",
