@@ -568,7 +568,14 @@ class PtWriteHandler:
         address = destination_address(decoded, regs, regs["rip"])
         if address != other_half_gla:
             return None
-        second = self._emulate_one(event.code_bits, rest, regs, other_half_gpa, other_half_gla)
+        try:
+            second = self._emulate_one(event.code_bits, rest, regs, other_half_gpa,
+                                       other_half_gla)
+        except Exception:  # noqa: BLE001 - the guest memory failed on the second half
+            # The first half is committed: report it alone, as without coalescing.
+            # The second instruction was not committed; the guest executes it
+            # again and its own exit meets the memory's error, if it persists.
+            return None
         return second if isinstance(second, _Emulated) else None
 
     # -- reporting ----------------------------------------------------------

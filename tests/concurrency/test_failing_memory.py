@@ -83,14 +83,9 @@ CASES = [
          {"rax": 0x0ABC_D067, "rdx": 0x8000_0000}, paging="pae", code_bits=32),
 ]
 
-KNOWN_BUGS: dict[tuple[str, str], str] = {
-    ("PAE: low half then high half, coalesced", "raise"): (
-        "handler bug: when the memory raises during the coalesced second half (its read "
-        "or its compare-and-store), the exception escapes after the first half was "
-        "committed: guest memory holds the low half, but no write state, PtEmuBuffer or "
-        "registers report it (PtWriteHandler._coalesce_second_half lets it through)"),
-}
-"""(case name, failure) pairs the handler gets wrong today, with the bug."""
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
+"""(case name, failure) pairs the handler gets wrong today, with the bug (none now:
+the PAE coalesced pair whose second half fails reports its first half alone)."""
 
 
 class Setup:
