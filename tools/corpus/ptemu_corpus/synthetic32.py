@@ -12,6 +12,11 @@ from .entries import NX, PCD, PWT, RW, US, A, D, P, Values
 from .guest import Trace, guest, patch
 
 
+def _le(value: int, size: int) -> str:
+    """`value` as `size` little-endian bytes in hex (an immediate or moffs)."""
+    return value.to_bytes(size, "little").hex(" ")
+
+
 def synthetic_pae(rng: random.Random) -> Iterator[Trace]:
     paging = "pae"
     v = Values(paging, rng)
@@ -113,21 +118,6 @@ def synthetic_pae(rng: random.Random) -> Iterator[Trace]:
     g.call("gs", rcx=0)
     yield g.trace()
 
-    g = guest("mov-moffs", paging, 32, rng,
-              "MOV moffs (A3) in 32-bit code: 4 and 2 bytes, and an FS override whose "
-              "base + offset wraps at 4 GiB")
-    g.entries = {i: v.pte() for i in (60, 61, 62)}
-    fs_base = 0xF000_0000
-    g.segments = {"fs_base": fs_base}
-    g.blob("abs", "a3 " + g.entry(60).to_bytes(4, "little").hex(" ") + " c3")
-    g.blob("absw", "66 a3 " + (g.entry(61) + 4).to_bytes(4, "little").hex(" ") + " c3")
-    wrapped = (g.entry(62) - fs_base) & 0xFFFF_FFFF
-    g.blob("fs", "64 a3 " + wrapped.to_bytes(4, "little").hex(" ") + " c3")
-    g.call("abs", rax=v.pte() & 0xFFFF_FFFF)       # mov [moffs32], eax
-    g.call("absw", rax=0x8000)                     # mov [moffs32], ax (high half's low word)
-    g.call("fs", rax=v.pte() & 0xFFFF_FFFF)        # mov fs:[moffs32], eax
-    yield g.trace()
-
     g = guest("address-size-16bit-in-32bit-code", paging, 32, rng,
               "0x67 in 32-bit code: 16-bit addressing [bx+si] and [bx+si+disp8] with a "
               "DS base; coalesced halves")
@@ -205,6 +195,38 @@ def synthetic_pae(rng: random.Random) -> Iterator[Trace]:
     e5 = g.entries[5]
     g.call("c8b", rsi=0x4028, rax=e5 & 0xFFFF_FFFF, rdx=e5 >> 32, rbx=0, rcx=0)
     g.call("pair", rsi=0x4030, rax=0)
+    yield g.trace()
+
+    # MOV moffs last, with fixed addresses and values and no draw from `rng` (the
+    # traces above keep their values). The expected stores are worked out by hand
+    # in tests/corpus_tools/test_moffs_traces.py.
+    fs_base = 0xF000_0000
+    g = guest("mov-moffs", paging, 32, rng,
+              "MOV moffs (A2/A3) in 32-bit code: 4, 2 and 1 bytes, and an FS override whose "
+              "base + offset wraps at 4 GiB", table_gpa=0x0134_5000)
+    g.entries = {1: 0x8000_0000_0000_0000, 2: 0, 3: 0}
+    g.segments = {"fs_base": fs_base}
+    g.blob("abs", "a3 " + _le(g.entry(1), 4) + " c3")              # mov [moffs32], eax
+    g.blob("absw", "66 a3 " + _le(g.entry(1) + 4, 4) + " c3")      # mov [moffs32], ax
+    g.blob("absb", "a2 " + _le(g.entry(2), 4) + " c3")             # mov [moffs32], al
+    wrapped = (g.entry(3) - fs_base) & 0xFFFF_FFFF
+    g.blob("fs", "64 a3 " + _le(wrapped, 4) + " c3")               # mov fs:[moffs32], eax
+    g.call("abs", rax=0x1234_5067)
+    g.call("absw", rax=0x1234)
+    g.call("absb", rax=0x63)
+    g.call("fs", rax=0x67)
+    yield g.trace()
+
+    g = guest("mov-moffs-code16", paging, 16, rng,
+              "MOV moffs (A3) in 16-bit code: 67 (a 4-byte moffs) with 66 (EAX) through a "
+              "DS base, and a 2-byte moffs through an ES override", table_gpa=0x0234_5000,
+              table_gla=0x2234_5000, code_base=0x0001_0100)
+    g.entries = {1: 0, 2: 0}
+    g.segments = {"cs_base": 0x0001_0000, "ds_base": 0x1000_0000, "es_base": 0x2234_0000}
+    g.blob("a67", "67 66 a3 08 50 34 12 c3")     # mov [dword 0x12345008], eax
+    g.blob("es", "26 a3 10 50 c3")               # mov es:[0x5010], ax
+    g.call("a67", rax=0x1234_5067)
+    g.call("es", rax=0x8025)
     yield g.trace()
 
 def synthetic_legacy(rng: random.Random) -> Iterator[Trace]:
@@ -299,4 +321,15 @@ def synthetic_legacy(rng: random.Random) -> Iterator[Trace]:
     g.entries = {100: v.pte()}
     g.blob("set", "89 10 c3")
     g.call("set", rax=g.entry(100), rdx=v.pte(), twice=[0])
+    yield g.trace()
+
+    g = guest("mov-moffs", paging, 32, rng,
+              "MOV moffs (A2/A3) in 32-bit code: an FS override whose base + offset wraps at "
+              "4 GiB, and 1 byte", table_gpa=0x0234_5000, table_gla=0x0234_5000)
+    g.entries = {2: 0, 3: 0x0123_4067}
+    g.segments = {"fs_base": 0xF000_0000}
+    g.blob("fs", "64 a3 08 50 34 12 c3")         # mov fs:[0x12345008], eax
+    g.blob("absb", "a2 0c 50 34 02 c3")          # mov [0x0234500c], al
+    g.call("fs", rax=0x67)
+    g.call("absb", rax=0x25)
     yield g.trace()

@@ -11,6 +11,11 @@ from .entries import NX, RW, TEXT, US, A, D, P, Values, direct, h
 from .guest import Trace, guest, patch
 
 
+def _le(value: int, size: int) -> str:
+    """`value` as `size` little-endian bytes in hex (an immediate or moffs)."""
+    return value.to_bytes(size, "little").hex(" ")
+
+
 def synthetic_64(paging: str, rng: random.Random) -> Iterator[Trace]:
     v = Values(paging, rng)
 
@@ -215,30 +220,6 @@ def synthetic_64(paging: str, rng: random.Random) -> Iterator[Trace]:
     g.call("a67w", rdi=0xBEEF_0000_0000_0000 | g.entry(3), rsi=0x0027)
     yield g.trace()
 
-    g = guest("mov-moffs-absolute", paging, 64, rng,
-              "MOV moffs (A3, movabs): 64-bit absolute addresses with REX.W, 66 and a GS "
-              "override")
-    g.entries = {i: v.pte() for i in (2, 3, 4)}
-    assert g.table_gla is not None
-    g.segments = {"gs_base": g.table_gla - 0x5000}
-    g.blob("abs", "48 a3 " + g.entry(2).to_bytes(8, "little").hex(" ") + " c3")
-    g.blob("absw", "66 a3 " + g.entry(3).to_bytes(8, "little").hex(" ") + " c3")
-    g.blob("gs", "65 48 a3 " + (0x5000 + 8 * 4).to_bytes(8, "little").hex(" ") + " c3")
-    g.call("abs", rax=v.pte())                     # mov [moffs64], rax
-    g.call("absw", rax=0x0067)                     # mov [moffs64], ax
-    g.call("gs", rax=v.pte())                      # mov gs:[moffs64], rax
-    yield g.trace()
-
-    g = guest("mov-moffs-32bit-address", paging, 64, rng,
-              "67 A3: a 4-byte moffs in 64-bit code, zero-extended", table_gpa=low_gpa + 0x1000,
-              table_gla=low_gpa + 0x1000)
-    g.entries = {i: v.pte() for i in (6, 7)}
-    g.blob("a67", "67 a3 " + g.entry(6).to_bytes(4, "little").hex(" ") + " c3")
-    g.blob("a67q", "67 48 a3 " + g.entry(7).to_bytes(4, "little").hex(" ") + " c3")
-    g.call("a67", rax=0xFFFF_FFFF_0000_0000 | (v.pte() & 0xFFFF_FFFF))  # mov [moffs32], eax
-    g.call("a67q", rax=v.pte())                                         # mov [moffs32], rax
-    yield g.trace()
-
     g = guest("accessed-bit-set-by-cpu-between-events", paging, 64, rng,
               "the CPU sets A then D between the guest's writes (memory patches)")
     g.entries = {5: 0}
@@ -338,6 +319,36 @@ def synthetic_64(paging: str, rng: random.Random) -> Iterator[Trace]:
     g.blob("rep_down", "fd f3 48 ab fc c3")       # std; rep stosq; cld
     g.call("rep", rdi=g.entry(509), rcx=3, rax=0)
     g.call("rep_down", rdi=g.entry(2), rcx=3, rax=v.pte("kernel-ro"))
+    yield g.trace()
+
+    # MOV moffs last, with fixed addresses and values and no draw from `rng` (the
+    # traces above keep their values). The expected stores are worked out by hand
+    # in tests/corpus_tools/test_moffs_traces.py.
+    table_gpa = 0x1234_5000
+    g = guest("mov-moffs-absolute", paging, 64, rng,
+              "MOV moffs (A2/A3, movabs): 64-bit absolute addresses with REX.W, 66, 1 byte "
+              "and a GS override", table_gpa=table_gpa, code_base=TEXT[paging])
+    g.entries = {1: 0, 2: 0x8000_0000_0000_0063, 3: 0, 4: 0}
+    g.segments = {"gs_base": direct(paging, 0)}
+    g.blob("abs", "48 a3 " + _le(g.entry(1), 8) + " c3")      # mov [moffs64], rax
+    g.blob("absw", "66 a3 " + _le(g.entry(2), 8) + " c3")     # mov [moffs64], ax
+    g.blob("absb", "a2 " + _le(g.entry(3), 8) + " c3")        # mov [moffs64], al
+    g.blob("gs", "65 48 a3 " + _le(table_gpa + 8 * 4, 8) + " c3")  # mov gs:[moffs64], rax
+    g.call("abs", rax=0x8000_0000_1234_5067)
+    g.call("absw", rax=0x1234)
+    g.call("absb", rax=0x25)
+    g.call("gs", rax=0x67)
+    yield g.trace()
+
+    g = guest("mov-moffs-32bit-address", paging, 64, rng,
+              "67 A3: a 4-byte moffs in 64-bit code, zero-extended (bit 31 set, so a "
+              "sign-extended address would be another page)", table_gpa=0x0234_5000,
+              table_gla=0x9234_5000, code_base=TEXT[paging])
+    g.entries = {1: 0, 2: 0}
+    g.blob("a67", "67 a3 " + _le(g.entry(1), 4) + " c3")       # mov [moffs32], eax
+    g.blob("a67q", "67 48 a3 " + _le(g.entry(2), 4) + " c3")   # mov [moffs32], rax
+    g.call("a67", rax=0xFFFF_FFFF_1234_5067)
+    g.call("a67q", rax=0x8000_0000_1234_5067)
     yield g.trace()
 
 SYNTHETIC_5LEVEL = frozenset({
