@@ -21,12 +21,16 @@ class FixtureError(PtemuError):
     """A fixture file is unusable; the message names file, event and key."""
 
     def __init__(self, path: str, message: str, *, event: int | None = None,
-                 key: str | None = None) -> None:
+                 key: str | None = None, line: int | None = None) -> None:
         self.path = path
         self.event = event
         self.key = key
+        self.line = line
+        """The line of a streamed (JSON Lines) trace, counting from 1."""
         self.reason = message
         where = path
+        if line is not None:
+            where += f": line {line}"
         if event is not None:
             where += f": event {event}"
         if key is not None:

@@ -56,19 +56,40 @@ def parse_int(value: object, what: str) -> int:
                 pass
         elif text.isdigit():
             return int(text)
-        raise UsageError(f"{what}: not a hex integer: {value!r}")
+        raise UsageError(f"{what}: not a hex integer: {shown(value)}")
     raise UsageError(f"{what}: expected an integer or hex string, got {type(value).__name__}")
+
+
+_WHITESPACE = re.compile(r"\s+")
+"""Whitespace as `str.split` sees it (``re``'s ``\\s`` uses the same Unicode table)."""
+
+
+def hex_to_bytes(text: str) -> bytes | None:
+    """`text` as bytes (pairs of hex digits, whitespace anywhere), or None if it is not.
+
+    `bytes.fromhex` reads the common spellings (``"894804"``, ``"89 48 04"``)
+    without any intermediate copy; only when it refuses (whitespace inside a
+    pair, or non-ASCII whitespace) is the whitespace removed, in one new
+    string. Memory stays proportional to the text: never a list of its pieces.
+    """
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        pass
+    try:
+        return bytes.fromhex(_WHITESPACE.sub("", text))
+    except ValueError:
+        return None
 
 
 def parse_hex_bytes(value: object, what: str) -> bytes:
     """Read bytes written as hex, spaces allowed: ``"89 48 04"`` or ``"894804"``."""
     if not isinstance(value, str):
         raise UsageError(f"{what}: expected a hex byte string, got {type(value).__name__}")
-    text = "".join(value.split())
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise UsageError(f"{what}: not hex bytes: {value!r}") from None
+    data = hex_to_bytes(value)
+    if data is None:
+        raise UsageError(f"{what}: not hex bytes: {shown(value)}")
+    return data
 
 
 def hex_int(value: int) -> str:

@@ -98,7 +98,7 @@ def test_missing_path_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_folder_without_fixtures_exits_2(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"ptemu replay: no *.json fixture files under {tmp_path}\n"
+    assert capsys.readouterr().err == f"ptemu replay: no *.json or *.jsonl fixture files under {tmp_path}\n"
 
 
 def test_bad_policy_option_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

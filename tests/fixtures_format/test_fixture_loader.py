@@ -454,7 +454,7 @@ def test_find_fixtures_missing_path_is_usage_error(tmp_path: Path) -> None:
 
 
 def test_find_fixtures_empty_folder_is_usage_error(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"no \*\.json fixture files under"):
+    with pytest.raises(UsageError, match=r"no \*\.json or \*\.jsonl fixture files under"):
         find_fixtures([tmp_path])
 
 
