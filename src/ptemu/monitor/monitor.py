@@ -152,6 +152,10 @@ class TranslationMonitor:
         self._numbers = itertools.count(1)
         self._width = self.mode.linear_address_bits
         self._half = 1 << (self._width - 1)
+        self._top = 1 << self._width
+        self._has_hole = self.mode.canonical_sign_bit is not None
+        self._sign_extension = (((1 << 64) - 1) ^ (self._top - 1)) if self._has_hole else 0
+        """What `_canonical` ORs into a flat address in the upper half (4-/5-level)."""
 
     # -- watches ------------------------------------------------------------------
 
@@ -237,13 +241,15 @@ class TranslationMonitor:
         if result.status is not Status.EMULATED:
             return MonitorResult(MonitorStatus.HANDLED, result)
         states = {entry.gpa: entry.state for entry in result.entries}
-        pending = set(self.handler.pending())
+        # Per written entry, not `handler.pending()` (which sorts every pending entry).
+        write_state = self.handler.write_state
         written = list(dict.fromkeys(record.gpa for record in result.writes))
         changes: list[_Change] = []
         for entry_gpa in written:
             if self.timing == "seed" and states.get(entry_gpa) is not EntryState.COMPLETE:
                 continue
-            self._apply(entry_gpa, entry_gpa in pending, changes)
+            kept = write_state.get(entry_gpa)
+            self._apply(entry_gpa, kept is not None and kept.is_pending, changes)
         return self._finish(result, changes)
 
     def flush(self, entry_gpa: int) -> MonitorResult:
@@ -270,7 +276,15 @@ class TranslationMonitor:
         level = self.mode.levels[difference.position.level_index]
         cause = EntryWrite(entry_gpa, level.number, level.name, old_value, new_value, partial)
         at_load = self._view.is_pdpte(difference.position)
-        for start, end, old, new in diff(difference.old, difference.new):
+        old_runs, new_runs = difference.old, difference.new
+        if (len(old_runs) == 1 and len(new_runs) == 1 and old_runs[0][:2] == new_runs[0][:2]
+                and old_runs[0][2] != new_runs[0][2]):
+            # One entry's own translation (a leaf write): one range, changed throughout
+            # (an affine run differs at every page or at none).
+            differences = [(old_runs[0][0], old_runs[0][1], old_runs, new_runs)]
+        else:
+            differences = diff(old_runs, new_runs)
+        for start, end, old, new in differences:
             last = changes[-1] if changes else None
             if (last is not None and last.space is difference.space and last.end == start
                     and last.partial == partial and last.at_cr3_load == at_load):
@@ -377,7 +391,10 @@ class TranslationMonitor:
         return start, stop
 
     def _canonical(self, flat: int) -> int:
-        return self.mode.canonical(flat) if flat < (1 << self._width) else 1 << 64
+        """`PagingMode.canonical` of a flat address (the top of the space: 2**64)."""
+        if flat < self._half or not self._has_hole:
+            return flat if flat < self._top else 1 << 64
+        return flat | self._sign_extension if flat < self._top else 1 << 64
 
     def _canonical_ranges(self, flat: list[tuple[int, int]]) -> list[tuple[int, int]]:
         out = []
@@ -388,7 +405,7 @@ class TranslationMonitor:
 
     def _split(self, low: int, high: int) -> list[tuple[int, int]]:
         """``[low, high)`` cut at the canonical hole (4-/5-level paging)."""
-        if self.mode.canonical_sign_bit is None or not low < self._half < high:
+        if not self._has_hole or not low < self._half < high:
             return [(low, high)]
         return [(low, self._half), (self._half, high)]
 
@@ -398,6 +415,9 @@ class TranslationMonitor:
 
     def _public_runs(self, runs: list[RawRun], low: int, high: int) -> list[Run]:
         out = []
+        if len(runs) == 1 and runs[0][0] == low and runs[0][1] == high and (
+                not self._has_hole or not low < self._half < high):
+            return [Run(self._canonical(low), self._end(high), runs[0][2])]
         for start, end, state in clip(runs, low, high):
             for part_low, part_high in self._split(start, end):
                 part: TranslationState = state

@@ -124,6 +124,12 @@ def intersect(intervals: list[tuple[int, int]], start: int, end: int) -> list[tu
     return out
 
 
+def overlaps(intervals: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether any of sorted, disjoint `intervals` meets ``[start, end)``."""
+    first = bisect_right(intervals, start, key=_end)
+    return first < len(intervals) and intervals[first][0] < end
+
+
 def _end(interval: tuple[int, int]) -> int:
     return interval[1]
 

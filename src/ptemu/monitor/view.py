@@ -35,12 +35,12 @@ from dataclasses import dataclass
 
 from ptemu.errors import UsageError
 from ptemu.memory import GuestMemory
+from ptemu.monitor.codec import LevelCodec, codecs
 from ptemu.monitor.protection import PageProtector
-from ptemu.monitor.runs import RawRun, append_run, intersect
+from ptemu.monitor.runs import RawRun, append_run, intersect, overlaps
 from ptemu.monitor.translation import Translation, TranslationState, Unfollowed
-from ptemu.paging.entry import DecodedEntry, decode_entry
 from ptemu.paging.modes import EntryFormat, PagingMode
-from ptemu.paging.translate import ALL_RIGHTS, AccessRights, combine_rights, translates
+from ptemu.paging.translate import ALL_RIGHTS, AccessRights
 from ptemu.values import PAGE_OFFSET_MASK, PAGE_SIZE
 
 SELF_REFERENCE = Unfollowed("self-reference")
@@ -117,6 +117,12 @@ class View:
         self.max_tables = max_tables
         self.levels_changed = levels_changed
         self.entry_size = mode.entry_size
+        self.codecs: tuple[LevelCodec, ...] = codecs(
+            mode, nxe=nxe, pse=pse, report_accessed_dirty=report_accessed_dirty)
+        """Per level (indexed like ``mode.levels``): the entry masks, computed once."""
+        self._table_bytes = tuple(level.entries * self.entry_size for level in mode.levels)
+        self._shifts = tuple(level.shift for level in mode.levels)
+        self._spans = tuple(level.entry_span for level in mode.levels)
         self.spaces: dict[int, Space] = {}
         self.pages: dict[int, list[Position]] = {}
         """Page GPA -> the positions on it: the reference count is the length."""
@@ -169,10 +175,6 @@ class View:
         data = self.cache[gpa & ~PAGE_OFFSET_MASK]
         return int.from_bytes(data[offset:offset + self.entry_size], "little")
 
-    def _decode(self, position: Position, value: int) -> DecodedEntry:
-        return decode_entry(self.mode, self.mode.levels[position.level_index], value,
-                            nxe=self.nxe, pse=self.pse)
-
     # -- building ---------------------------------------------------------------
 
     def build_space(self, space: Space) -> None:
@@ -201,12 +203,11 @@ class View:
     def _follow(self, space: Space, position: Position, index: int) -> None:
         """Link the table entry `index` references, if it references one."""
         value = self.entry_value(position, index)
-        if not value & 1 or position.level_index + 1 == len(self.mode.levels):
+        codec = self.codecs[position.level_index]
+        address = codec.link(value)
+        if address is None:
             return
-        entry = self._decode(position, value)
-        if not translates(entry) or entry.maps_page:
-            return
-        child_page = entry.address & ~PAGE_OFFSET_MASK
+        child_page = address & ~PAGE_OFFSET_MASK
         if child_page in position.path:
             position.unfollowed[index] = SELF_REFERENCE
             return
@@ -214,9 +215,9 @@ class View:
             position.unfollowed[index] = TABLE_BUDGET
             return
         level = self.mode.levels[position.level_index]
-        child = Position(space, position.level_index + 1, entry.address,
+        child = Position(space, position.level_index + 1, address,
                          position.base + (index << level.shift),
-                         combine_rights(position.rights, entry), (*position.path, child_page))
+                         codec.rights(position.rights, value), (*position.path, child_page))
         self._attach(child)
         position.children[index] = child
         self._follow_table(space, child)
@@ -256,31 +257,21 @@ class View:
         if not value & 1:
             append_run(runs, low, high, None)
             return
-        entry = self._decode(position, value)
-        if not translates(entry):
+        codec = self.codecs[position.level_index]
+        if codec.maps_page(value):
+            translation = codec.leaf(value, position.rights)
+            if translation is not None:
+                start = position.base + (index << codec.level.shift)
+                translation = translation.shifted(low - start)
+            append_run(runs, low, high, translation)
+        elif value & codec.table_reserved:
             append_run(runs, low, high, None)
-        elif entry.maps_page:
-            level = self.mode.levels[position.level_index]
-            start = position.base + (index << level.shift)
-            translation = self.leaf(entry, combine_rights(position.rights, entry))
-            append_run(runs, low, high, translation.shifted(low - start))
         else:
             child = position.children.get(index)
             if child is None:
                 append_run(runs, low, high, position.unfollowed[index])
             else:
                 self._table_runs(child, low, high, runs)
-
-    def leaf(self, entry: DecodedEntry, rights: AccessRights) -> Translation:
-        """The translation a leaf entry gives with `rights` combined over its levels."""
-        assert entry.page_bytes is not None
-        report = self.report_accessed_dirty
-        return Translation(
-            frame=entry.address, page_size=entry.page_bytes, writable=rights.writable,
-            user=rights.user, executable=rights.executable,
-            protection_key=entry.protection_key, pwt=entry.pwt, pcd=entry.pcd,
-            pat=bool(entry.pat), accessed=entry.accessed if report else None,
-            dirty=entry.dirty if report else None)
 
     def translation(self, space: Space, gla: int) -> TranslationState:
         """What the view says the page at flat `gla` translates to."""
@@ -304,15 +295,14 @@ class View:
         """Every (position, index) whose table holds the entry at `entry_gpa` and
         whose range a watch of that position's space covers."""
         found = []
-        table_bytes_by_level = [level.entries * self.entry_size for level in self.mode.levels]
         for position in self.pages.get(entry_gpa & ~PAGE_OFFSET_MASK, ()):
             offset = entry_gpa - position.table_gpa
-            if 0 <= offset < table_bytes_by_level[position.level_index]:
+            level_index = position.level_index
+            if 0 <= offset < self._table_bytes[level_index]:
                 index = offset // self.entry_size
-                level = self.mode.levels[position.level_index]
-                start = position.base + (index << level.shift)
+                start = position.base + (index << self._shifts[level_index])
                 # An entry outside the space's watched ranges is not followed.
-                if intersect(position.space.intervals, start, start + level.entry_span):
+                if overlaps(position.space.intervals, start, start + self._spans[level_index]):
                     found.append((position, index))
         return found
 
@@ -335,7 +325,16 @@ class View:
         old_value = int.from_bytes(data[offset:offset + self.entry_size], "little")
         if old_value == new_value:
             return old_value, []
-        holders = [(p.space, p, i) for p, i in self.holders(entry_gpa)]
+        found = self.holders(entry_gpa)
+        codecs = self.codecs
+        if all(codecs[p.level_index].link(old_value) is None
+               and codecs[p.level_index].link(new_value) is None for p, _ in found):
+            # No table before or after (a leaf, or an entry that stays unused): no
+            # subtree to rebuild, the entry's own translation is all that changes.
+            data[offset:offset + self.entry_size] = new_value.to_bytes(self.entry_size,
+                                                                       "little")
+            return old_value, self._leaf_differences(found, old_value, new_value)
+        holders = [(p.space, p, i) for p, i in found]
         before = []
         for space, position, index in holders:
             if self._same_subtree(position, old_value, new_value):
@@ -357,13 +356,40 @@ class View:
             differences.append(EntryDifference(space, position, index, old, new))
         return old_value, differences
 
+    def _leaf_differences(self, found: list[tuple[Position, int]], old_value: int,
+                          new_value: int) -> list[EntryDifference]:
+        """What an entry that links no table before or after changed at each holder:
+        its own translation, computed from the two values (O(1) per holder)."""
+        differences = []
+        for position, index in found:
+            codec = self.codecs[position.level_index]
+            old = _entry_state(codec, position, old_value)
+            new = _entry_state(codec, position, new_value)
+            if old == new:
+                continue  # same frame and attributes (page size is not identity)
+            start = position.base + (index << codec.level.shift)
+            parts = intersect(position.space.intervals, start, start + codec.page_bytes)
+            differences.append(EntryDifference(
+                position.space, position, index,
+                [(low, high, _shifted(old, low - start)) for low, high in parts],
+                [(low, high, _shifted(new, low - start)) for low, high in parts]))
+        return differences
+
     def _same_subtree(self, position: Position, old: int, new: int) -> bool:
         """Whether both values link the same table with the same rights (so nothing
         under the entry changed: A, PWT/PCD of a table entry or software bits did)."""
-        if position.level_index + 1 == len(self.mode.levels) or not (old & new & 1):
-            return False
-        before, after = self._decode(position, old), self._decode(position, new)
-        return (translates(before) and translates(after) and before.points_to_table
-                and after.points_to_table and before.address == after.address
-                and combine_rights(position.rights, before)
-                == combine_rights(position.rights, after))
+        codec = self.codecs[position.level_index]
+        before = codec.link(old)
+        return (before is not None and before == codec.link(new)
+                and codec.rights(position.rights, old) == codec.rights(position.rights, new))
+
+
+def _entry_state(codec: LevelCodec, position: Position, value: int) -> Translation | None:
+    """The translation of an entry that links no table (`codec.link` gave None)."""
+    if not value & 1 or not codec.maps_page(value):
+        return None  # not present, or a table entry with a reserved bit set
+    return codec.leaf(value, position.rights)
+
+
+def _shifted(state: Translation | None, offset: int) -> Translation | None:
+    return state if state is None else state.shifted(offset)
