@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ptemu.atomic import atomic_block
 from ptemu.decoder.capstone_adapter import CapstoneDecoder, DecodeRefusal
 from ptemu.decoder.families import Access
 from ptemu.decoder.model import (
@@ -42,7 +43,7 @@ from ptemu.decoder.model import (
 )
 from ptemu.emulator import UnicornEmulator, settle_engine_registers
 from ptemu.engines import DEFAULT_ENGINE, ENGINES, Engine
-from ptemu.errors import UsageError
+from ptemu.errors import PtemuError, UsageError
 from ptemu.fastpath import FastEmulator, compile_fast
 from ptemu.memory import GuestMemory
 from ptemu.paging.modes import PagingMode, paging_mode
@@ -58,6 +59,9 @@ DEFAULT_DECODE_CACHE_SIZE = 4096
 """Distinct instructions kept decoded (least recently used ones go first)."""
 DEFAULT_MAX_COMMIT_ATTEMPTS = 16
 """Emulate-and-commit rounds before an ever-changing entry gives `CONTENDED`."""
+LATER_ENTRY_ATTEMPTS = 256
+"""Retries of a later entry of a store committed entry by entry, once the first
+entries hold its bytes (then `CommitIncomplete`; see `_commit_entries`)."""
 
 _DEFAULT_FLAGS = REGISTER_DEFAULTS["rflags"]
 _CHECKED_NAME_SETS = 64
@@ -67,6 +71,34 @@ _U32 = mask_bits(32)
 _DF = 1 << 10
 _CR4_PSE = 1 << 4
 _EFER_NXE = 1 << 11
+
+
+class CommitIncomplete(PtemuError):
+    """A store over several entries that no single compare-and-store holds was
+    committed in part: its first entries hold the new bytes, a later one does
+    not, because the memory kept refusing (`LATER_ENTRY_ATTEMPTS` times) or
+    raised.
+
+    Only a broken or failing `GuestMemory` causes this: a refusal means the
+    entry changed between a read and the compare-and-store, and a guest whose
+    tables are write-protected changes an entry without an exit only through
+    the CPU's Accessed and Dirty bits, a few times at most. No register and no
+    write state was changed and the PtEmuBuffer stays empty, so the exit can
+    be treated as not emulated: the guest executes the store again, which
+    stores the same bytes (they do not depend on the destination).
+    """
+
+    def __init__(self, text: str, window_gpa: int, committed: range, failed: int,
+                 error: Exception | None) -> None:
+        self.committed = tuple(window_gpa + start for start in committed)
+        """GPAs of the entries that hold the new bytes."""
+        self.failed = window_gpa + failed
+        """GPA of the entry that does not."""
+        why = f"the memory raised {error!r}" if error is not None else (
+            f"its compare-and-store failed {LATER_ENTRY_ATTEMPTS} times")
+        held = ", ".join(f"{gpa:#x}" for gpa in self.committed)
+        super().__init__(f"'{text}': entries {held} were committed, but not {self.failed:#x}: "
+                         f"{why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,10 +352,16 @@ class PtWriteHandler:
         span_size = entry_high - entry_low
         first = low_offset - entry_low  # the written bytes inside the entry window
         last = high_offset - entry_low
+        window_gpa = page_gpa + entry_low
+        whole = span_size == self.entry_size or atomic_block(window_gpa, span_size) is not None
+        if not whole and store.family.access is Access.READ_MODIFY_WRITE:
+            return _Refused(Status.UNSUPPORTED, (
+                f"'{store.text}' reads and writes {window_gpa:#x}..{window_gpa + span_size - 1:#x}"
+                ", across a 16-byte boundary: no compare-and-store commits it atomically"))
         for _attempt in range(self.max_commit_attempts):
             registers: dict[str, int] | None = None
             if fast_emulator is not None:  # a form the fast engine handles
-                before = self.memory.read(page_gpa + entry_low, span_size)
+                before = self.memory.read(window_gpa, span_size)
                 done = fast_emulator(regs, before[first:last])
                 after = before[:first] + done.stored + before[last:]
                 registers = done.registers
@@ -340,15 +378,93 @@ class PtWriteHandler:
                                     f"'{store.text}' wrote outside the bytes it addresses")
                 before = snapshot[entry_low:entry_high]
                 after = page_after[entry_low:entry_high]
-            if self.memory.compare_and_store(page_gpa + entry_low, before, after):
-                break
+            if whole:
+                if self.memory.compare_and_store(window_gpa, before, after):
+                    break
+                continue
+            committed = self._commit_entries(store, regs, window_gpa, first, last, before, after)
+            if committed is None:  # the first entry changed: start over
+                continue
+            before, after, kept = committed
+            if kept is not None:  # a REP stopped after `kept` whole iterations
+                cut = self._run(store, code, regs, [(page_gla, snapshot), *source_pages], kept)
+                assert not isinstance(cut, _Refused), "fewer steps of a run that worked"
+                registers = cut[1]
+                if bool(register_value(regs, "rflags") & _DF):
+                    first = last - kept * size
+                else:
+                    last = first + kept * size
+            break
         else:
             return _Refused(Status.CONTENDED, (
-                f"the entries at {page_gpa + entry_low:#x} kept changing during "
+                f"the entries at {window_gpa:#x} kept changing during "
                 f"{self.max_commit_attempts} attempts"))
-        writes, entries_after = self._records(store, regs, page_gpa + entry_low, first, last,
+        writes, entries_after = self._records(store, regs, window_gpa, first, last,
                                               before, after)
         return _Emulated(store, instruction, rip, registers, writes, entries_after)
+
+    def _commit_entries(self, store: DecodedStore, regs: Mapping[str, int], window_gpa: int,
+                        first: int, last: int, before: bytes, after: bytes,
+                        ) -> tuple[bytes, bytes, int | None] | None:
+        """Commit a window no single compare-and-store can hold (it crosses a
+        16-byte boundary) entry by entry, in the order the guest writes them.
+
+        Returns None when the first entry changed since it was read: nothing
+        is committed and the caller starts over. Otherwise ``(before, after,
+        kept)``: the window as committed (an entry stored on a retry shows the
+        value it had then) and None, or, for a REP instruction whose later
+        entry failed where an iteration ends, the whole iterations committed;
+        the guest re-executes the rest, as after an interrupted REP. A later
+        entry that fails elsewhere (a plain store, or an iteration across two
+        entries) is read again and stored with the same bytes spliced in: the
+        bytes of a plain store or a string store do not depend on the
+        destination, and the entries already stored cannot be taken back.
+        When that keeps failing (`LATER_ENTRY_ATTEMPTS`) or the memory raises
+        there, `CommitIncomplete` says which entries hold the new bytes.
+        Only read-modify-writes never get here (`_emulate_one` refuses them).
+        """
+        size = self.entry_size
+        memory = self.memory
+        starts = range(0, len(before), size)
+        downwards = store.rep and bool(register_value(regs, "rflags") & _DF)
+        if downwards:
+            starts = starts[::-1]
+        step = store.access_size
+        for index, start in enumerate(starts):
+            end = start + size
+            if index == 0:
+                if not memory.compare_and_store(window_gpa + start, before[start:end],
+                                                after[start:end]):
+                    return None
+                continue
+            error: Exception | None = None
+            try:
+                if memory.compare_and_store(window_gpa + start, before[start:end],
+                                            after[start:end]):
+                    continue
+            except Exception as raised:  # noqa: BLE001 - the memory's own error, reported below
+                error = raised
+            done = last - end if downwards else start - first
+            if store.rep and done % step == 0:
+                return before, after, done // step
+            low, high = max(first, start), min(last, end)
+            try:
+                for _retry in range(LATER_ENTRY_ATTEMPTS if error is None else 0):
+                    current = memory.read(window_gpa + start, size)
+                    new = current[:low - start] + after[low:high] + current[high - start:]
+                    if memory.compare_and_store(window_gpa + start, current, new):
+                        before = before[:start] + current + before[end:]
+                        after = after[:start] + new + after[end:]
+                        break
+                else:
+                    raise CommitIncomplete(store.text, window_gpa, starts[:index], start,
+                                           error) from error
+            except CommitIncomplete:
+                raise
+            except Exception as raised:  # the memory failed on the retry
+                raise CommitIncomplete(store.text, window_gpa, starts[:index], start,
+                                       raised) from raised
+        return before, after, None
 
     def _written_span(self, store: DecodedStore, regs: Mapping[str, int],
                       address: int, limit: int | None = None) -> tuple[int, int, int] | _Refused:
