@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ptemu.errors import UsageError
 from ptemu.memory import GuestMemory
@@ -85,9 +86,9 @@ class Space:
     root: Position | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class EntryDifference:
-    """How one entry write changed the translation at one position (internal)."""
+class EntryDifference(NamedTuple):
+    """How one entry write changed the translation at one position (internal; a
+    named tuple because one is built per changed entry, on the hot path)."""
 
     space: Space
     position: Position
@@ -327,8 +328,13 @@ class View:
             return old_value, []
         found = self.holders(entry_gpa)
         codecs = self.codecs
-        if all(codecs[p.level_index].link(old_value) is None
-               and codecs[p.level_index].link(new_value) is None for p, _ in found):
+        links = False
+        for position, _index in found:
+            codec = codecs[position.level_index]
+            if codec.link(old_value) is not None or codec.link(new_value) is not None:
+                links = True
+                break
+        if not links:
             # No table before or after (a leaf, or an entry that stays unused): no
             # subtree to rebuild, the entry's own translation is all that changes.
             data[offset:offset + self.entry_size] = new_value.to_bytes(self.entry_size,
