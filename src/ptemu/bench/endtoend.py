@@ -12,7 +12,6 @@ rounds, and the ratio is taken from the medians of the same run.
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -22,17 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ptemu.bench.trace import synthetic_events, synthetic_header
+from ptemu.bench.trace import write_synthetic_trace
 
 
 def write_trace(path: Path, events: int) -> None:
-    """Write a synthetic trace of `events` events to `path` (one JSON file)."""
-    with path.open("w", encoding="utf-8") as out:
-        header = synthetic_header()
-        out.write(json.dumps(header)[:-1] + ', "events": [')
-        for number, event in enumerate(synthetic_events(events)):
-            out.write((", " if number else "") + json.dumps(event))
-        out.write("]}\n")
+    """Write a synthetic trace of `events` events to `path`, one event in memory at a
+    time: the streamed form (JSON Lines) when `path` ends in ``.jsonl``, else one
+    JSON file (`ptemu.bench.trace.write_synthetic_trace`)."""
+    write_synthetic_trace(path, events)
 
 
 def _seconds(command: Sequence[str]) -> float:

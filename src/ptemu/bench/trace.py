@@ -20,9 +20,13 @@ held in memory by the generator.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+from ptemu.fixtures.stream import write_stream
 
 TABLE_GPA = 0x10_0000
 """GPA of the first page-table page; the entries fill consecutive pages."""
@@ -131,6 +135,23 @@ def synthetic_events(count: int, entries: int = 4096, seed: int = 0,
                 "regs": {name: _hex(value & _U64) for name, value in changed.items()},
             },
         }
+
+
+def write_synthetic_trace(path: str | Path, count: int, entries: int = 4096,
+                          seed: int = 0) -> None:
+    """Write `synthetic_trace` to `path` one event at a time: JSON Lines (the
+    streamed form) for a ``*.jsonl`` path, one JSON document otherwise."""
+    target = Path(path)
+    header = synthetic_header(entries)
+    events = synthetic_events(count, entries, seed)
+    if target.suffix == ".jsonl":
+        write_stream(target, header, events)
+        return
+    with target.open("w", encoding="utf-8") as out:
+        out.write(json.dumps(header)[:-1] + ', "events": [')
+        for number, event in enumerate(events):
+            out.write((", " if number else "") + json.dumps(event))
+        out.write("]}\n")
 
 
 def synthetic_trace(count: int, entries: int = 4096, seed: int = 0) -> dict[str, Any]:
