@@ -12,6 +12,7 @@ from ptemu.bench.measure import (
     naive_runner,
     pending_state_scaling,
 )
+from ptemu.bench.monitor_bench import render_monitor, run_monitor_benchmark
 from ptemu.bench.workload import corpus_events, kernel_mix
 
 PENDING_SIZES = (1, 1_000, 1_000_000)
@@ -19,8 +20,13 @@ DECODE_CACHE_SIZES = (1, 4_095)
 
 
 def run_benchmark(*, events: int, rounds: int, naive_events: int, scaling: bool,
-                  progress: IO[str] | None = None) -> dict[str, Any]:
-    """Measure every engine on the same kernel-like mix; a JSON-able report."""
+                  progress: IO[str] | None = None, monitor: bool = True) -> dict[str, Any]:
+    """Measure every engine on the same kernel-like mix; a JSON-able report.
+
+    With `monitor`, also the translation monitor's figures (`monitor_bench`):
+    leaf writes with a whole 4-level space of 102,400 pages watched against the
+    handler alone, and upper-level replaces against their subtree's size.
+    """
     def say(text: str) -> None:
         if progress is not None:
             print(text, file=progress, flush=True)
@@ -64,6 +70,9 @@ def run_benchmark(*, events: int, rounds: int, naive_events: int, scaling: bool,
         report["decode_cache_scaling"] = [
             {"cached_instructions": size, "median_us": round(us, 2)}
             for size, us in decode_cache_scaling("auto", DECODE_CACHE_SIZES, probe)]
+    if monitor:
+        say("measuring the translation monitor...")
+        report["monitor"] = run_monitor_benchmark(rounds=rounds)
     return report
 
 
@@ -82,6 +91,8 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append("event cost with cached instructions: " + ", ".join(
             f"{row['cached_instructions']}: {row['median_us']} us"
             for row in report["decode_cache_scaling"]))
+    if "monitor" in report:
+        lines.extend(render_monitor(report["monitor"]))
     machine = report.get("machine")
     if machine:
         lines.append(f"machine: {machine['processor']}, {machine['platform']}, "

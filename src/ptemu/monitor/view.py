@@ -92,7 +92,8 @@ class EntryDifference(NamedTuple):
 
     space: Space
     position: Position
-    index: int
+    entry_index: int
+    """Which entry of the position's table (`index` is tuple's own method)."""
     old: list[RawRun]
     new: list[RawRun]
 
