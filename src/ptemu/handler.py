@@ -48,7 +48,12 @@ from ptemu.fastpath import FastEmulator, compile_fast
 from ptemu.memory import GuestMemory
 from ptemu.paging.modes import PagingMode, paging_mode
 from ptemu.paging.walk import walk
-from ptemu.registers import REGISTER_DEFAULTS, REGISTER_NAMES, register_value
+from ptemu.registers import (
+    REGISTER_DEFAULTS,
+    REGISTER_NAMES,
+    register_value,
+    validate_registers,
+)
 from ptemu.results import EntryResult, EventResult, WriteRecord
 from ptemu.status import EntryState, Policy, Status
 from ptemu.values import PAGE_SIZE, mask_bits, page_base, page_offset
@@ -200,6 +205,9 @@ class PtWriteHandler:
         self._decode_cache: OrderedDict[tuple[int, bytes], _Decoded] = OrderedDict()
         self._lock = threading.Lock()
         self._gpa_limit = 1 << self.mode.maxphyaddr
+        # Canonical: bits 63..N-1 all equal, i.e. (address + 2**(N-1)) mod 2**64 < 2**N.
+        self._canonical_half = 1 << (self.mode.linear_address_bits - 1)
+        self._canonical_span = 1 << self.mode.linear_address_bits
         self._decode_cache_size = decode_cache_size
 
     # -- public API ---------------------------------------------------------
@@ -208,9 +216,19 @@ class PtWriteHandler:
         """Emulate the write behind one EPT violation; see the module docstring.
 
         Raises `UsageError` for what the caller got wrong (a GPA or GLA that is
-        not a 64-bit address, values of the wrong type, unknown register
-        names, a code size the mode cannot run); whatever the guest did comes
-        back as a status.
+        not a 64-bit address or a GPA past MAXPHYADDR, code that is not bytes,
+        unknown register names, a code size the mode cannot run, a register
+        value that is not an int) and then has changed nothing. Register values
+        are checked where it is cheap, to keep the common event lean: every
+        value (type and width) when the event goes through Unicorn, and on the
+        fast engine's path the type of each value the instruction reads
+        (a value it does not read cannot change the result). Whatever the
+        guest did comes back as a status; a destination that is not canonical
+        is `FAULT` with ``#GP(0)`` (``#SS(0)`` through SS), as the CPU raises
+        it before any access: such an event cannot come from a real exit.
+        A `GuestMemory` that raises is not wrapped (its exception escapes and
+        nothing was changed), except after part of a store over several
+        entries was committed: see `CommitIncomplete`.
         """
         gpa, gla = event.gpa, event.gla
         if type(gpa) is not int or type(gla) is not int or not (
@@ -320,6 +338,14 @@ class PtWriteHandler:
         rip = regs["rip"] & (_U64 if code_bits == 64 else _U32)
         address = destination_address(store, regs, rip)
         size = store.access_size
+        if code_bits == 64 and ((address + self._canonical_half) & _U64 >= self._canonical_span
+                                or (address + size - 1 + self._canonical_half) & _U64
+                                >= self._canonical_span):
+            # The CPU checks this before any access: no EPT exit can follow.
+            fault = "#SS(0)" if store.destination.segment == "ss" else "#GP(0)"
+            return _Refused(Status.FAULT, (
+                f"'{store.text}' writes {address:#x}, not canonical with "
+                f"{self.mode.linear_address_bits}-bit linear addresses"), fault=fault)
         if not address <= gla < address + size:
             return _Refused(Status.REJECTED, (
                 f"'{store.text}' writes {address:#x}..{address + size - 1:#x}, "
@@ -571,6 +597,9 @@ class PtWriteHandler:
              ) -> tuple[bytes, dict[str, int]] | _Refused:
         if store.family.register_store:
             return self._register_store(store, regs, data_pages[0])
+        # Unicorn takes every register: check all of them here, where it costs
+        # nothing next to the run (the fast engine fails on a bad one it reads).
+        validate_registers(regs, require_rip=False)
         vector: tuple[str, ...] = ()
         if store.source_register is not None and store.source_register.startswith("xmm"):
             vector = (store.source_register,)
