@@ -3,8 +3,9 @@
 Before the handler locked itself, four threads sharing one handler killed the
 process with SIGSEGV inside Unicorn within 0.2 s, lost `lock add` updates to a
 shared entry and let a `KeyError` escape from the decode cache. Here four
-threads feed events through the fast engine and through Unicorn (MOVUPS, REP
-STOSQ) on shared and private entries with a 1 us switch interval; afterwards
+threads feed events through the fast engine (MOV, XCHG, LOCK OR, LOCK CMPXCHG,
+LOCK ADD) and through Unicorn (MOVUPS, REP STOSQ) on shared and private
+entries with a 1 us switch interval; afterwards
 memory and write state must equal a sequential replay of the same events in
 the order their commits happened, and every `lock add` must be counted.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import random
 import sys
 import threading
+
+import pytest
 
 from ptemu.handler import PtWriteHandler, WriteEvent
 from ptemu.memory import InMemoryGuestMemory
@@ -26,9 +29,12 @@ RIP = 0xFFFF_FFFF_8100_0000
 THREADS = 4
 EVENTS_PER_THREAD = 400
 SHARED_ENTRY = 0            # every thread's `lock add` lands here
+SHARED_OTHERS = range(1, 8)  # MOV, XCHG, LOCK OR, CMPXCHG from every thread land here too
 PRIVATE_BASE = 16           # thread t owns entries 16 + 32 t .. 16 + 32 t + 31
 
 LOCK_ADD = bytes.fromhex("f0 48 01 07")        # lock add [rdi], rax
+LOCK_OR = bytes.fromhex("f0 48 09 07")         # lock or [rdi], rax
+CMPXCHG = bytes.fromhex("f0 48 0f b1 0f")      # lock cmpxchg [rdi], rcx
 MOV = bytes.fromhex("48 89 07")                # mov [rdi], rax
 XCHG = bytes.fromhex("48 87 07")               # xchg [rdi], rax
 MOVUPS = bytes.fromhex("0f 11 07")             # movups [rdi], xmm0 (Unicorn engine)
@@ -59,17 +65,21 @@ def _events(thread: int, seed: int) -> list[tuple[WriteEvent, int]]:
     generator = random.Random(seed)
     out = []
     for _ in range(EVENTS_PER_THREAD):
-        kind = generator.randrange(5)
+        kind = generator.randrange(7)
         slot = PRIVATE_BASE + 32 * thread + generator.randrange(30)
+        if kind < 4 and generator.randrange(2):  # MOV, XCHG, LOCK OR, CMPXCHG: shared half the time
+            slot = generator.choice(SHARED_OTHERS)
         value = generator.getrandbits(64)
         regs = {"rip": RIP, "rdi": TABLE_GLA + 8 * slot, "rax": value}
-        code, increment = (MOV, XCHG, MOVUPS, REP_STOSQ, LOCK_ADD)[kind], 0
+        code, increment = (MOV, XCHG, LOCK_OR, CMPXCHG, MOVUPS, REP_STOSQ, LOCK_ADD)[kind], 0
         if code is LOCK_ADD:
             regs["rdi"] = TABLE_GLA + 8 * SHARED_ENTRY
             regs["rax"] = increment = generator.randrange(1, 1000)
-        elif code is MOVUPS:
+        elif code is CMPXCHG:  # compares with 0 (entries start at 0) or a random value
+            regs["rax"] = generator.choice((0, value))
+            regs["rcx"] = generator.getrandbits(64)
+        elif code is MOVUPS:  # 8-byte aligned: across a 16-byte boundary half the time
             regs["xmm0"] = generator.getrandbits(128)
-            regs["rdi"] -= regs["rdi"] % 16
         elif code is REP_STOSQ:
             regs["rcx"] = 2
         gla = regs["rdi"]
@@ -123,3 +133,43 @@ def test_threads_sharing_one_handler_lose_nothing_and_equal_the_sequential_repla
     assert sequential.pending() == handler.pending()
     states = {gpa: handler.write_state.get(gpa) for gpa in handler.write_state}
     assert {gpa: sequential.write_state.get(gpa) for gpa in sequential.write_state} == states
+
+
+@pytest.mark.parametrize("engine", ["auto", "unicorn"])
+def test_four_threads_of_lock_add_on_one_entry_lose_no_increment(engine: str) -> None:
+    """The attack from issue 14: 4 threads x `lock add` on one shared entry
+    (517 of 81,279 updates were lost before the handler locked itself)."""
+    memory = InMemoryGuestMemory()
+    handler = PtWriteHandler(memory, "4level", engine=engine)
+    per_thread = 20000 if engine == "auto" else 250
+    increments = [[random.Random(thread).randrange(1, 1 << 20) for _ in range(per_thread)]
+                  for thread in range(THREADS)]
+    errors: list[BaseException] = []
+
+    def serve(mine: list[int]) -> None:
+        vcpu = Vcpu()
+        gla = TABLE_GLA + 8 * SHARED_ENTRY
+        try:
+            for increment in mine:
+                vcpu.begin_exit()
+                result = handler.handle_ept_write(vcpu, WriteEvent(
+                    gpa=TABLE_GPA + 8 * SHARED_ENTRY, gla=gla,
+                    regs={"rip": RIP, "rdi": gla, "rax": increment}, code=LOCK_ADD,
+                    code_bits=64))
+                assert result.status is Status.EMULATED, result.reason
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=serve, args=(mine,)) for mine in increments]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == []
+    total = sum(map(sum, increments))
+    assert int.from_bytes(memory.read(TABLE_GPA + 8 * SHARED_ENTRY, 8), "little") == total
