@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="the capture description (JSON)")
     parser.add_argument("-o", "--output", metavar="FIXTURE.json",
                         help="where to write the fixture (default: standard output); its "
-                             "folder must exist")
+                             "folder must exist; a name ending in .jsonl gets the streamed "
+                             "form (a header line, then one event per line)")
     parser.add_argument("--no-coalesce", action="store_true",
                         help="record a PAE entry's second 4-byte half as its own event "
                              "(overrides the description's 'coalesce')")
@@ -62,7 +63,15 @@ def run(args: argparse.Namespace) -> int:
             spec = dataclasses.replace(spec, coalesce=False)
         if args.policy is not None:
             spec = dataclasses.replace(spec, policy=Policy(args.policy))
-        text = dump_fixture(capture(spec))
+        document = capture(spec)
+        if target is not None and target.suffix == ".jsonl":
+            from ptemu.fixtures.stream import stream_lines
+
+            events_list = document["events"]
+            assert isinstance(events_list, list)
+            text = "".join(stream_lines(document, events_list))
+        else:
+            text = dump_fixture(document)
     except UsageError as error:
         raise UsageError(_naming(str(error), str(path))) from None
     except UnicodeDecodeError as error:
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         target.write_text(text, encoding="utf-8")
     except OSError as error:
         raise UsageError(f"-o {escaped(str(target))}: cannot write: {error.strerror}") from None
-    events = text.count('"expect"')
+    events = len(document["events"]) if isinstance(document["events"], list) else 0
     print(f"{escaped(str(target))}: {escaped(spec.name)}: {events} "
           f"event{'' if events == 1 else 's'}", file=sys.stderr)
     return EXIT_OK

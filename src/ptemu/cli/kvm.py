@@ -85,7 +85,8 @@ def register(subparsers: Any) -> None:
                      metavar="SECONDS", help="end the run after this many seconds "
                                              f"(default {RunLimits().timeout:g})")
     run.add_argument("--save-fixture", metavar="PATH",
-                     help="save every write as a fixture (format version 1)")
+                     help="save every write as a fixture (format version 1); a PATH ending "
+                          "in .jsonl gets the streamed form, one event per line")
     run.add_argument("--no-compare", action="store_true",
                      help="skip the unmonitored reference run of the same program")
     run.add_argument("--show", type=count(0, 1_000_000), default=5, metavar="N",

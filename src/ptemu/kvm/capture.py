@@ -18,6 +18,7 @@ from typing import Any
 
 from ptemu.errors import UsageError
 from ptemu.fixtures.model import FORMAT_VERSION
+from ptemu.fixtures.stream import write_stream
 from ptemu.kvm.layout import GuestLayout
 from ptemu.kvm.machine import kvm_backend
 from ptemu.kvm.runner import ObservedWrite, RunReport
@@ -70,9 +71,14 @@ def fixture_document(report: RunReport, layout: GuestLayout, *, name: str | None
 
 def save_fixture(path: str | Path, report: RunReport, layout: GuestLayout, *,
                  name: str | None = None, command: str = "") -> int:
-    """Write the fixture of `report` to `path`; returns the number of events."""
+    """Write the fixture of `report` to `path`; returns the number of events.
+
+    A `path` ending in ``.jsonl`` gets the streamed form (JSON Lines)."""
     document = fixture_document(report, layout, name=name, command=command)
     target = Path(path)
+    if target.suffix == ".jsonl":
+        # The streamed form (JSON Lines): a header line, then one event a line.
+        return write_stream(target, document, document["events"])
     try:
         target.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     except OSError as error:
