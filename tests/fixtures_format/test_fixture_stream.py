@@ -132,17 +132,17 @@ def test_bad_event_line_names_file_line_event_and_key(document: Document,
 
 
 @pytest.mark.parametrize(("lines", "message"), [
-    (["{", ""], "line 1: not JSON: Expecting property name enclosed in double quotes at "
-     "column 2"),
-    (["HEADER_NO_STREAM"], "line 1: key 'stream': a streamed trace (*.jsonl) starts with a "
-     "header that has \"stream\": true"),
-    (["HEADER_WITH_EVENTS"], "line 1: key 'events': a streamed trace's header has no "
-     "'events': each event follows on its own line"),
-    (["HEADER", "EVENT", "", "EVENT"], "line 3: empty line (a streamed trace holds one "
-     "event per line, and no blank lines)"),
+    (["{", ""], ("line 1: not JSON: Expecting property name enclosed in double quotes at "
+     "column 2")),
+    (["HEADER_NO_STREAM"], ("line 1: key 'stream': a streamed trace (*.jsonl) starts with a "
+     "header that has \"stream\": true")),
+    (["HEADER_WITH_EVENTS"], ("line 1: key 'events': a streamed trace's header has no "
+     "'events': each event follows on its own line")),
+    (["HEADER", "EVENT", "", "EVENT"], ("line 3: empty line (a streamed trace holds one "
+     "event per line, and no blank lines)")),
     (["HEADER", "EVENT", "[1"], "line 3: not JSON: Expecting ',' delimiter at column 3"),
-    (["HEADER", '{"gpa": "0x1", "gpa": "0x2"}'], "line 2: key 'gpa': key given twice in one "
-     "JSON object (which one counts would be a guess)"),
+    (["HEADER", '{"gpa": "0x1", "gpa": "0x2"}'], ("line 2: key 'gpa': key given twice in one "
+     "JSON object (which one counts would be a guess)")),
 ])
 def test_stream_errors(lines: list[str], message: str, document: Document,
                        tmp_path: Path) -> None:
