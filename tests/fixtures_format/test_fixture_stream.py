@@ -198,3 +198,33 @@ def test_a_stream_without_events_is_refused(document: Document, tmp_path: Path,
     path = _write_lines(tmp_path / "t.jsonl", _header(document))
     assert main(["replay", str(path)]) == 2
     assert "no events to replay" in capsys.readouterr().err
+
+
+# -- the schemas of the two kinds of line ----------------------------------------------
+
+
+def _schema(name: str) -> Any:
+    from importlib import resources
+
+    import jsonschema  # type: ignore[import-untyped]
+
+    schema = json.loads(resources.files("ptemu").joinpath(f"schema/{name}").read_text("utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_stream_schemas_share_the_fixture_schema_definitions() -> None:
+    fixture = _schema("fixture.schema.json").schema
+    for name in ("stream-header.schema.json", "stream-event.schema.json"):
+        assert _schema(name).schema["$defs"] == fixture["$defs"]
+
+
+def test_stream_schemas_accept_every_corpus_twin_and_refuse_a_bad_line(tmp_path: Path) -> None:
+    header, event = _schema("stream-header.schema.json"), _schema("stream-event.schema.json")
+    for path in CORPUS:
+        first, *rest = _twin(path, tmp_path).read_text("utf-8").splitlines()
+        assert header.is_valid(json.loads(first))
+        assert all(event.is_valid(json.loads(line)) for line in rest)
+    document = json.loads(CORPUS[0].read_text("utf-8"))
+    assert not header.is_valid(document)            # events inline, no "stream"
+    assert not event.is_valid({"gpa": "0x1000"})    # no gla, regs, code
