@@ -11,7 +11,8 @@ faulting GPA and GLA. The handler
    are cut at the page end instead);
 3. emulates it (ptemu's fast engine for the common instructions, Unicorn for
    the rest) against a snapshot of the entries and commits the
-   stored bytes with an atomic compare-and-store over the entries it wrote,
+   stored bytes with an atomic compare-and-store over the entries it wrote
+   (entry by entry when they cross a 16-byte boundary: `_commit_entries`),
    starting over when an entry changed meanwhile (the CPU sets A/D bits
    behind our back), at most `max_commit_attempts` times (else `CONTENDED`);
 4. in 32-bit PAE code, when the write leaves its entry partial, emulates a
