@@ -14,20 +14,25 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ptemu.cli.options import count, seconds
 from ptemu.errors import UsageError
-from ptemu.kvm.capture import save_fixture
-from ptemu.kvm.catalog import PROGRAM_NAMES, build_program
-from ptemu.kvm.device import KvmSystem
-from ptemu.kvm.layout import GuestLayout
+from ptemu.kvm.catalog import PROGRAM_NAMES
 from ptemu.kvm.machine import MAX_VCPUS
-from ptemu.kvm.probe import probe_host
-from ptemu.kvm.programs import shared_program
-from ptemu.kvm.runner import RunLimits, RunReport, StopReason, run_guest
-from ptemu.kvm.smp import SmpReport, run_smp, tables_equal_outside
 from ptemu.paging.modes import MODE_NAMES
+
+if TYPE_CHECKING:
+    from ptemu.kvm.layout import GuestLayout
+    from ptemu.kvm.runner import RunLimits, RunReport
+    from ptemu.kvm.smp import SmpReport
+
+# The runner, the handler, Capstone and Unicorn are imported inside the
+# commands, not here: building the parser (every `ptemu` start) stays cheap.
+_DEFAULT_MAX_EXITS = 10_000_000
+"""`_DEFAULT_MAX_EXITS` (tests/cli/test_cli_startup.py keeps the two equal)."""
+_DEFAULT_TIMEOUT = 600.0
+"""`_DEFAULT_TIMEOUT`."""
 
 EXIT_OK = 0
 EXIT_DISAGREE = 1
@@ -78,12 +83,12 @@ def register(subparsers: Any) -> None:
                      help="seed of values and entries, decimal (default 1)")
     run.add_argument("--pages", type=count(1, 64), default=4, metavar="N",
                      help="monitored page-table pages, 1..64 (default 4)")
-    run.add_argument("--max-exits", type=count(1, 1 << 40), default=RunLimits().max_exits,
+    run.add_argument("--max-exits", type=count(1, 1 << 40), default=_DEFAULT_MAX_EXITS,
                      metavar="N", help="end the run after this many VM exits "
-                                       f"(default {RunLimits().max_exits})")
-    run.add_argument("--timeout", type=seconds(1e6), default=RunLimits().timeout,
+                                       f"(default {_DEFAULT_MAX_EXITS})")
+    run.add_argument("--timeout", type=seconds(1e6), default=_DEFAULT_TIMEOUT,
                      metavar="SECONDS", help="end the run after this many seconds "
-                                             f"(default {RunLimits().timeout:g})")
+                                             f"(default {_DEFAULT_TIMEOUT:g})")
     run.add_argument("--save-fixture", metavar="PATH",
                      help="save every write as a fixture (format version 1); a PATH ending "
                           "in .jsonl gets the streamed form, one event per line")
@@ -116,6 +121,12 @@ def _print_report(report: RunReport, show: int) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from ptemu.kvm.capture import save_fixture
+    from ptemu.kvm.catalog import build_program
+    from ptemu.kvm.device import KvmSystem
+    from ptemu.kvm.layout import GuestLayout
+    from ptemu.kvm.runner import RunLimits, StopReason, run_guest
+
     if args.mode_alias is not None:
         print("ptemu kvm run: --mode is deprecated: use --paging", file=sys.stderr)
         args.paging = args.mode_alias
@@ -158,6 +169,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def probe_command(args: argparse.Namespace) -> int:
+    from ptemu.kvm.device import KvmSystem
+    from ptemu.kvm.probe import probe_host
+
     with KvmSystem() as system:
         host = probe_host(system)
     yes = {True: "yes", False: "no"}
@@ -204,6 +218,11 @@ def _print_smp_report(report: SmpReport, show: int) -> None:
 
 def run_vcpus_command(args: argparse.Namespace, layout: GuestLayout, limits: RunLimits) -> int:
     """``ptemu kvm run --vcpus N``: the shared-entries program on N vCPUs."""
+    from ptemu.kvm.device import KvmSystem
+    from ptemu.kvm.programs import shared_program
+    from ptemu.kvm.runner import StopReason
+    from ptemu.kvm.smp import run_smp, tables_equal_outside
+
     if args.program != "stress":
         raise UsageError(f"--program {args.program}: --vcpus runs its own program (shared "
                          "counters and bits); --program applies to one-vCPU runs")

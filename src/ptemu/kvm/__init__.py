@@ -7,23 +7,50 @@ and compares, `capture` saves what a run saw as a fixture, `probe` says what
 this host's KVM can do. docs/kvm.md has the whole story.
 """
 
-from ptemu.kvm.capture import fixture_document, save_fixture
-from ptemu.kvm.catalog import PROGRAM_NAMES, build_program
-from ptemu.kvm.device import KvmError, KvmSystem, KvmUnavailable
-from ptemu.kvm.kernel import kernel_program, load_kernel_writers, select_writers
-from ptemu.kvm.layout import GuestLayout
-from ptemu.kvm.machine import GuestMachine, KvmGuestMemory
-from ptemu.kvm.probe import ModeSupport, probe_host, probe_mode
-from ptemu.kvm.programs import GuestProgram, stress_program
-from ptemu.kvm.runner import (
-    Disagreement,
-    GuestRun,
-    ObservedWrite,
-    RunLimits,
-    RunReport,
-    StopReason,
-    run_guest,
-)
+from typing import Any
+
+# The names below are loaded on first use (PEP 562), so that importing one
+# module of this package (the CLI reads `PROGRAM_NAMES` to build its parser)
+# does not import the runner, the handler, Capstone and Unicorn.
+_LAZY: dict[str, str] = {
+    "Disagreement": "ptemu.kvm.runner",
+    "GuestLayout": "ptemu.kvm.layout",
+    "GuestMachine": "ptemu.kvm.machine",
+    "GuestProgram": "ptemu.kvm.programs",
+    "GuestRun": "ptemu.kvm.runner",
+    "KvmError": "ptemu.kvm.device",
+    "KvmGuestMemory": "ptemu.kvm.machine",
+    "KvmSystem": "ptemu.kvm.device",
+    "KvmUnavailable": "ptemu.kvm.device",
+    "ModeSupport": "ptemu.kvm.probe",
+    "ObservedWrite": "ptemu.kvm.runner",
+    "PROGRAM_NAMES": "ptemu.kvm.catalog",
+    "RunLimits": "ptemu.kvm.runner",
+    "RunReport": "ptemu.kvm.runner",
+    "StopReason": "ptemu.kvm.runner",
+    "build_program": "ptemu.kvm.catalog",
+    "fixture_document": "ptemu.kvm.capture",
+    "kernel_program": "ptemu.kvm.kernel",
+    "load_kernel_writers": "ptemu.kvm.kernel",
+    "probe_host": "ptemu.kvm.probe",
+    "probe_mode": "ptemu.kvm.probe",
+    "run_guest": "ptemu.kvm.runner",
+    "save_fixture": "ptemu.kvm.capture",
+    "select_writers": "ptemu.kvm.kernel",
+    "stress_program": "ptemu.kvm.programs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ptemu.kvm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PROGRAM_NAMES",
