@@ -8,6 +8,7 @@ A benchmark, not a test: it prints figures for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import threading
 import time
@@ -47,7 +48,7 @@ def serve(events: int, entries: int, engine: str, paging: str, threads: int = 1,
         worker.join()
     seconds = time.perf_counter() - start
     points = [start, *sorted(marks)]
-    per_block = [(later - earlier) / BLOCK * 1e6 for earlier, later in zip(points, points[1:])]
+    per_block = [(later - earlier) / BLOCK * 1e6 for earlier, later in itertools.pairwise(points)]
     return seconds, peak_rss_mib(), per_block
 
 
