@@ -25,11 +25,13 @@ bits). Watched ranges are widened to whole 4 KiB pages.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from ptemu.engines import DEFAULT_ENGINE, Engine
 from ptemu.errors import UsageError
@@ -114,11 +116,28 @@ class _Change:
     at_cr3_load: bool
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _locked(method: _Method) -> _Method:
+    """Run `method` under the monitor's lock."""
+
+    @functools.wraps(method)
+    def run(self: TranslationMonitor, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 class TranslationMonitor:
     """Watches linear ranges of guest address spaces and reports translation changes.
 
     One monitor serves one guest (its memory, its paging mode) and owns its
-    handler's write state. Not thread-safe, like the handler.
+    handler's write state. It is thread-safe: one reentrant lock per monitor
+    serialises its public methods (a callback may call back into the monitor,
+    to unwatch say), for the reasons the handler has one
+    (docs/concurrency.md); the handler's own lock is then never contended.
     """
 
     def __init__(self, memory: GuestMemory, paging: str | PagingMode, protector: PageProtector,
@@ -131,6 +150,7 @@ class TranslationMonitor:
         (IA32_EFER.NXE) and `pse` (CR4.PSE, 32-bit paging only) are how the guest's
         entries are read. `report_accessed_dirty` makes a change of the leaf's A or D
         bit a change of translation."""
+        self._lock = threading.RLock()
         self.mode = paging if isinstance(paging, PagingMode) else paging_mode(paging)
         if timing not in TIMINGS:
             raise UsageError(f"unknown timing {timing!r}: expected one of {TIMINGS}")
@@ -159,6 +179,7 @@ class TranslationMonitor:
 
     # -- watches ------------------------------------------------------------------
 
+    @_locked
     def watch(self, cr3: int, gla: int, size: int,
               callback: ChangeCallback | None = None) -> WatchHandle:
         """Watch the translation of ``[gla, gla + size)`` in the space of `cr3`.
@@ -169,6 +190,7 @@ class TranslationMonitor:
         """
         return self._add(cr3, [self._flat_range(gla, size)], callback)
 
+    @_locked
     def watch_space(self, cr3: int, callback: ChangeCallback | None = None,
                     ranges: SpaceRanges = "all", *, kernel_base: int | None = None,
                     ) -> WatchHandle:
@@ -194,6 +216,7 @@ class TranslationMonitor:
             flat = [self._flat_range(gla, size) for gla, size in ranges]
         return self._add(cr3, flat, callback)
 
+    @_locked
     def unwatch(self, handle: WatchHandle) -> None:
         """Stop a watch; pages no other watch reaches are unprotected."""
         watches = self._watches.get(handle.cr3, [])
@@ -228,6 +251,7 @@ class TranslationMonitor:
 
     # -- events -------------------------------------------------------------------
 
+    @_locked
     def handle_ept_write(self, vcpu: Vcpu, event: WriteEvent) -> MonitorResult:
         """Emulate one EPT write violation and report the translation changes.
 
@@ -252,6 +276,7 @@ class TranslationMonitor:
             self._apply(entry_gpa, kept is not None and kept.is_pending, changes)
         return self._finish(result, changes)
 
+    @_locked
     def flush(self, entry_gpa: int) -> MonitorResult:
         """Complete a pending entry in the handler (`PtWriteHandler.flush`) and report."""
         self._view.events.clear()
@@ -318,6 +343,7 @@ class TranslationMonitor:
 
     # -- queries ------------------------------------------------------------------
 
+    @_locked
     def translation(self, cr3: int, gla: int) -> TranslationState:
         """What the monitor's view says the page at `gla` translates to.
 
@@ -329,16 +355,19 @@ class TranslationMonitor:
         start, _end = self._flat_range(gla, 1)
         return self._view.translation(space, start)
 
+    @_locked
     def runs(self, cr3: int) -> tuple[Run, ...]:
         """The view's translation of every watched range of the space, as runs."""
         space = self._space(cr3)
         runs = self._view.space_runs(space)
         return tuple(self._public_runs(runs, 0, 1 << self._width))
 
+    @_locked
     def protected_pages(self) -> frozenset[int]:
         """Pages the monitor holds protected now."""
         return frozenset(self._view.pages)
 
+    @_locked
     def watched(self) -> dict[int, tuple[WatchHandle, ...]]:
         """Active watches per space (root table GPA)."""
         return {root: tuple(watches) for root, watches in self._watches.items()}
