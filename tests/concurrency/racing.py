@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from ptemu.atomic import libatomic
@@ -72,3 +72,23 @@ def fast_switching() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(previous)
+
+
+def run_threads(target: Callable[..., None], shares: Sequence[object]) -> list[BaseException]:
+    """Run `target(share)` on one thread per share under `fast_switching`;
+    return what the threads raised (an empty list when nothing did)."""
+    errors: list[BaseException] = []
+
+    def guarded(share: object) -> None:
+        try:
+            target(share)
+        except BaseException as error:  # noqa: BLE001 - reported to the caller
+            errors.append(error)
+
+    with fast_switching():
+        threads = [threading.Thread(target=guarded, args=(share,)) for share in shares]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return errors

@@ -13,10 +13,10 @@ the order their commits happened, and every `lock add` must be counted.
 from __future__ import annotations
 
 import random
-import sys
 import threading
 
 import pytest
+from racing import run_threads
 
 from ptemu.handler import PtWriteHandler, WriteEvent
 from ptemu.memory import InMemoryGuestMemory
@@ -92,30 +92,16 @@ def test_threads_sharing_one_handler_lose_nothing_and_equal_the_sequential_repla
     memory = _CommitLog()
     handler = PtWriteHandler(memory, "4level", policy=Policy.STRICT)
     plans = [_events(thread, seed=thread) for thread in range(THREADS)]
-    errors: list[BaseException] = []
 
     def serve(plan: list[tuple[WriteEvent, int]]) -> None:
         vcpu = Vcpu()
-        try:
-            for event, _ in plan:
-                vcpu.begin_exit()
-                memory.current.event = event
-                result = handler.handle_ept_write(vcpu, event)
-                assert result.status is Status.EMULATED, result.reason
-        except BaseException as error:  # noqa: BLE001 - reported by the main thread
-            errors.append(error)
+        for event, _ in plan:
+            vcpu.begin_exit()
+            memory.current.event = event
+            result = handler.handle_ept_write(vcpu, event)
+            assert result.status is Status.EMULATED, result.reason
 
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=serve, args=(plan,)) for plan in plans]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(switch)
-    assert errors == []
+    assert run_threads(serve, plans) == []
     assert len(memory.order) == THREADS * EVENTS_PER_THREAD
 
     expected_sum = sum(increment for plan in plans for _, increment in plan) % (1 << 64)
@@ -144,32 +130,18 @@ def test_four_threads_of_lock_add_on_one_entry_lose_no_increment(engine: str) ->
     per_thread = 20000 if engine == "auto" else 250
     increments = [[random.Random(thread).randrange(1, 1 << 20) for _ in range(per_thread)]
                   for thread in range(THREADS)]
-    errors: list[BaseException] = []
 
     def serve(mine: list[int]) -> None:
         vcpu = Vcpu()
         gla = TABLE_GLA + 8 * SHARED_ENTRY
-        try:
-            for increment in mine:
-                vcpu.begin_exit()
-                result = handler.handle_ept_write(vcpu, WriteEvent(
-                    gpa=TABLE_GPA + 8 * SHARED_ENTRY, gla=gla,
-                    regs={"rip": RIP, "rdi": gla, "rax": increment}, code=LOCK_ADD,
-                    code_bits=64))
-                assert result.status is Status.EMULATED, result.reason
-        except BaseException as error:  # noqa: BLE001 - reported by the main thread
-            errors.append(error)
+        for increment in mine:
+            vcpu.begin_exit()
+            result = handler.handle_ept_write(vcpu, WriteEvent(
+                gpa=TABLE_GPA + 8 * SHARED_ENTRY, gla=gla,
+                regs={"rip": RIP, "rdi": gla, "rax": increment}, code=LOCK_ADD,
+                code_bits=64))
+            assert result.status is Status.EMULATED, result.reason
 
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=serve, args=(mine,)) for mine in increments]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(switch)
-    assert errors == []
+    assert run_threads(serve, increments) == []
     total = sum(map(sum, increments))
     assert int.from_bytes(memory.read(TABLE_GPA + 8 * SHARED_ENTRY, 8), "little") == total
