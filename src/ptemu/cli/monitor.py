@@ -169,7 +169,15 @@ def _describe(run: Run) -> str:
         return f"unfollowed ({state.reason})"
     rights = ("W" if state.writable else "-") + ("U" if state.user else "S") + (
         "X" if state.executable else "-")
-    return f"{hex_int(state.frame)} {rights} {state.page_size >> 10}K"
+    return f"{hex_int(state.frame)} {rights} {_size(state.page_size)}"
+
+
+def _size(page_size: int) -> str:
+    """4K, 2M, 4M or 1G: a page size in its largest whole binary unit."""
+    for shift, unit in ((30, "G"), (20, "M")):
+        if page_size >= 1 << shift and page_size % (1 << shift) == 0:
+            return f"{page_size >> shift}{unit}"
+    return f"{page_size >> 10}K"
 
 
 def _side(runs: tuple[Run, ...]) -> str:

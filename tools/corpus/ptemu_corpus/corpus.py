@@ -20,6 +20,7 @@ from .entries import SEED
 from .guest import Trace, capture_description
 from .handwritten import handwritten
 from .kernel_traces import kernel_traces
+from .own_hierarchy import own_hierarchy
 from .synthetic32 import synthetic_legacy, synthetic_pae
 from .synthetic64 import SYNTHETIC_5LEVEL, synthetic_64, synthetic_compat
 
@@ -36,6 +37,8 @@ def all_traces(kernel_writers: Path) -> list[Trace]:
     traces += synthetic_pae(random.Random(f"{SEED}-pae"))
     traces += synthetic_legacy(random.Random(f"{SEED}-legacy"))
     traces += handwritten(rng)
+    # Last, drawing from no generator: the traces above keep their values.
+    traces += own_hierarchy()
     return traces
 
 
@@ -45,6 +48,8 @@ def render(trace: Trace) -> str:
     if fixture is None:
         assert trace.description is not None
         fixture = capture_description(trace.description)
+        if trace.finish is not None:
+            fixture = trace.finish(fixture)
     return dump_fixture(fixture)
 
 

@@ -4,6 +4,7 @@ page, code blobs, calls, segments and data pages; and the `Trace` it becomes."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,9 @@ class Trace:
     name: str
     description: Json | None = None
     fixture: Json | None = None
+    finish: Callable[[Json], Json] | None = None
+    """Applied to the captured fixture (a check and a documented rewrite, e.g.
+    `own_hierarchy`'s CR3); None for the plain capture."""
 
 @dataclass
 class Guest:
