@@ -5,13 +5,18 @@ command, should the dispatcher ever not list it)."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from example_trace import DATA_FILE, example_fixture
 
 COMMAND = [sys.executable, "-m", "ptemu", "monitor"]
+ROOT = Path(__file__).resolve().parents[2]
+MONITOR_DOC = ROOT / "docs" / "monitor.md"
 
 
 def ptemu_monitor(*args: str) -> subprocess.CompletedProcess[str]:
@@ -98,3 +103,44 @@ def test_an_unreadable_fixture_or_a_bad_range_exits_2_naming_it(tmp_path):
     done = ptemu_monitor(str(DATA_FILE), "--watch", "0x800000000000")
     assert done.returncode == 2 and "canonical" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _doc_examples() -> list[tuple[str, list[str]]]:
+    """(command, shown output lines) of every ``$ ptemu monitor`` block of docs/monitor.md."""
+    blocks = re.findall(r"```\n\$ (ptemu monitor [^\n]*)\n(.*?)```",
+                        MONITOR_DOC.read_text(encoding="utf-8"), re.DOTALL)
+    return [(command, output.splitlines()) for command, output in blocks]
+
+
+DOC_EXAMPLES = _doc_examples()
+
+
+def test_the_worked_example_runs_on_the_shipped_corpus_trace():
+    commands = [command for command, _ in DOC_EXAMPLES]
+    assert len(commands) >= 3
+    assert all("fixtures/4level/monitor-own-hierarchy.json" in c for c in commands)
+    assert any("--space" in c for c in commands) and any("--watch" in c for c in commands)
+
+
+@pytest.mark.parametrize(("command", "shown"), DOC_EXAMPLES, ids=[c for c, _ in DOC_EXAMPLES])
+def test_the_output_docs_monitor_md_shows_is_what_the_cli_prints(command, shown):
+    done = subprocess.run([*COMMAND, *shlex.split(command)[2:]], cwd=ROOT, capture_output=True,
+                          text=True, check=False, timeout=120)
+    assert done.returncode == 0 and done.stderr == ""
+    printed = done.stdout.splitlines()
+    if "..." not in shown:
+        assert printed == shown
+        return
+    # A "..." line stands for lines left out; the pieces between must appear, in order.
+    pieces: list[list[str]] = [[]]
+    for line in shown:
+        if line == "...":
+            pieces.append([])
+        else:
+            pieces[-1].append(line)
+    position = 0
+    for lines in filter(None, pieces):
+        starts = [i for i in range(position, len(printed) - len(lines) + 1)
+                  if printed[i:i + len(lines)] == lines]
+        assert starts, f"not printed (in this order): {lines[0][:80]}"
+        position = starts[0] + len(lines)
