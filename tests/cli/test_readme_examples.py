@@ -1,8 +1,8 @@
 """The README is the front door: its examples are real output, its test list is complete.
 
 Every ``console`` block command of the README whose output is deterministic
-(`ptemu entry`, `ptemu walk`, `ptemu replay` of a shipped file, the handler
-example) is run as a user runs it, from the repository root, and its output
+(`ptemu entry`, `ptemu walk`, `ptemu replay` of a shipped file, `ptemu monitor`,
+the handler example) is run as a user runs it, from the repository root, and its output
 must be the README's text exactly. Commands whose output holds timings or a
 machine (`ptemu kvm run`, `ptemu bench`) or needs a file the README does not
 make (`/tmp/bad.json`) are left out by name below.
@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 RUN = ("ptemu entry ", "ptemu walk ", "ptemu replay src/", "ptemu replay --policy ",
-       "python docs/examples/handler_example.py")
+       "ptemu monitor ", "python docs/examples/handler_example.py")
 """Prefixes of the commands that are run; any other `$` line is not."""
 
 
@@ -49,7 +49,7 @@ EXAMPLES = _examples()
 
 def test_the_readme_has_the_examples_this_test_runs() -> None:
     commands = [command.split()[1] for command, _ in EXAMPLES]
-    for name in ("entry", "walk", "replay", "docs/examples/handler_example.py"):
+    for name in ("entry", "walk", "replay", "monitor", "docs/examples/handler_example.py"):
         assert name in commands
 
 
