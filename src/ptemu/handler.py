@@ -296,6 +296,30 @@ class PtWriteHandler:
             return None
         return self._entry_result(entry_gpa, outcome.state, outcome.old, outcome.new)
 
+    def set_table_level(self, page_gpa: int, level: int | None) -> None:
+        """Record that the page-table page at `page_gpa` is read at `level`
+        (1 = PTE ... 5 = PML5E), or forget its level (None).
+
+        What a user that tracks the hierarchy (the translation monitor) calls as
+        tables come and go, so that `classify` reads bit 7 of a completed entry
+        as PS or PAT rightly; under the handler's lock, so an event on another
+        thread sees the level before or after, never a half-updated mapping.
+        `table_levels` stays readable. Raises `UsageError` for a GPA that is
+        not a page-aligned non-negative integer or a level outside the mode's.
+        """
+        if isinstance(page_gpa, bool) or not isinstance(page_gpa, int) or page_gpa < 0 \
+                or page_gpa % PAGE_SIZE:
+            raise UsageError(f"table page {page_gpa!r}: expected a page-aligned GPA")
+        if level is not None and (isinstance(level, bool) or not isinstance(level, int)
+                                  or not 1 <= level <= len(self.mode.levels)):
+            raise UsageError(f"table level {level!r}: expected 1 to {len(self.mode.levels)} "
+                             "or None")
+        with self._lock:
+            if level is None:
+                self.table_levels.pop(page_gpa, None)
+            else:
+                self.table_levels[page_gpa] = level
+
     def pending(self) -> tuple[int, ...]:
         """GPAs of the entries with a partial write pending, in address order."""
         with self._lock:

@@ -20,7 +20,7 @@ from typing import cast
 
 from ptemu.monitor.translation import Translation
 from ptemu.paging import bits
-from ptemu.paging.entry import address_mask, entry_address, reserved_mask
+from ptemu.paging.entry import address_mask, entry_address, reserved_mask, software_mask
 from ptemu.paging.modes import Bit7, EntryFormat, Level, PagingMode, bit7_role
 from ptemu.paging.translate import AccessRights
 
@@ -32,8 +32,8 @@ class LevelCodec:
 
     __slots__ = ("_legacy_large", "_mode", "accessed_dirty", "is_last",
                  "large_bit", "level", "nx_mask", "page_address", "page_bytes",
-                 "page_reserved", "pat_bit", "pk", "rw_mask", "table_address",
-                 "table_reserved", "us_mask")
+                 "page_reserved", "pat_bit", "pk", "rw_mask", "significant",
+                 "table_address", "table_reserved", "us_mask")
 
     def __init__(self, mode: PagingMode, level: Level, *, nxe: bool, pse: bool,
                  report_accessed_dirty: bool) -> None:
@@ -60,6 +60,16 @@ class LevelCodec:
         self.pk = level.format is EntryFormat.LONG
         self.page_bytes = level.entry_span
         self.accessed_dirty = report_accessed_dirty
+        self.significant = _significant(mode, level, large_bit=self.large_bit, nxe=nxe,
+                                        pse=pse, report_accessed_dirty=report_accessed_dirty)
+        """Bits whose change can change what a present entry of this level gives (see
+        `quiet`); every other bit is Accessed, Dirty, Global or ignored by the CPU."""
+
+    def quiet(self, old: int, new: int) -> bool:
+        """Whether turning `old` into `new` changes nothing the monitor reports, from
+        the raw values alone: both not present, or only bits outside `significant`
+        differ (then `link`, `rights`, `maps_page` and `leaf` agree on the two)."""
+        return not (old | new) & 1 or not (old ^ new) & self.significant
 
     def maps_page(self, value: int) -> bool:
         """Whether a present `value` maps a page here (a PTE, or PS=1 where PS exists)."""
@@ -114,6 +124,34 @@ class LevelCodec:
         _ACCESSED(out, bool(value & bits.A) if report else None)
         _DIRTY(out, bool(value & bits.D) if report else None)
         return out
+
+
+def _significant(mode: PagingMode, level: Level, *, large_bit: int, nxe: bool, pse: bool,
+                 report_accessed_dirty: bool) -> int:
+    """The entry bits of `level` that can change a translation (`LevelCodec.significant`).
+
+    The complement of what is *insignificant whatever the entry is*: for each
+    role an entry of this level can take (a table entry; a page entry where the
+    level maps pages), the bits no translation depends on (semantics.md section
+    5: Accessed, Dirty, Global and the bits the CPU ignores, `software_mask`;
+    the leaf's A and D count when they are reported), minus that role's reserved
+    bits (a reserved bit set makes the entry stop translating); the roles'
+    sets are intersected, since PS (significant) decides the role. Memory-type
+    bits (PWT, PCD, PAT/bit 7) stay significant in every role, also in a table
+    entry where they change nothing the CPU translates: conservative, and such a
+    change still reports nothing (`View` compares the subtree's link and rights).
+    """
+    roles = [True] if level.is_leaf_level else [False, True] if large_bit else [False]
+    insignificant = (1 << (8 * mode.entry_size)) - 1
+    for maps_page in roles:
+        free = software_mask(level, maps_page=maps_page, pse=pse) | bits.A
+        if maps_page:
+            free |= bits.D | bits.G
+            if report_accessed_dirty:
+                free &= ~(bits.A | bits.D)
+        free &= ~reserved_mask(mode, level, maps_page=maps_page, nxe=nxe, pse=pse)
+        insignificant &= free
+    return ((1 << (8 * mode.entry_size)) - 1) & ~insignificant
 
 
 def _setter(name: str) -> Callable[[Translation, object], None]:

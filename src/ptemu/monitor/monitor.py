@@ -47,7 +47,7 @@ from ptemu.monitor.translation import (
     TranslationState,
 )
 from ptemu.monitor.view import DEFAULT_MAX_TABLES, EntryDifference, Space, View
-from ptemu.paging.modes import PagingMode, paging_mode
+from ptemu.paging.modes import EntryFormat, PagingMode, paging_mode
 from ptemu.results import EntryResult, EventResult
 from ptemu.status import EntryState, Policy, Status
 from ptemu.values import PAGE_OFFSET_MASK, PAGE_SIZE
@@ -176,6 +176,12 @@ class TranslationMonitor:
         self._has_hole = self.mode.canonical_sign_bit is not None
         self._sign_extension = (((1 << 64) - 1) ^ (self._top - 1)) if self._has_hole else 0
         """What `_canonical` ORs into a flat address in the upper half (4-/5-level)."""
+        self._entry_size = self.mode.entry_size
+        levels = self.mode.levels
+        self._level_numbers = tuple(level.number for level in levels)
+        self._level_names = tuple(level.name for level in levels)
+        self._at_cr3_load = tuple(level.format is EntryFormat.PAE_PDPTE for level in levels)
+        """Per level index: PAE PDPTEs take effect at the next CR3 load."""
 
     # -- watches ------------------------------------------------------------------
 
@@ -251,30 +257,35 @@ class TranslationMonitor:
 
     # -- events -------------------------------------------------------------------
 
-    @_locked
     def handle_ept_write(self, vcpu: Vcpu, event: WriteEvent) -> MonitorResult:
         """Emulate one EPT write violation and report the translation changes.
 
         An event for a page this monitor does not protect returns
         `MonitorStatus.NOT_PROTECTED` and changes nothing (see there).
         """
-        if (event.gpa & ~PAGE_OFFSET_MASK) not in self._view.pages:
-            return MonitorResult(MonitorStatus.NOT_PROTECTED)
-        self._view.events.clear()
-        result = self.handler.handle_ept_write(vcpu, event)
-        if result.status is not Status.EMULATED:
-            return MonitorResult(MonitorStatus.HANDLED, result)
-        states = {entry.gpa: entry.state for entry in result.entries}
-        # Per written entry, not `handler.pending()` (which sorts every pending entry).
-        write_state = self.handler.write_state
-        written = list(dict.fromkeys(record.gpa for record in result.writes))
-        changes: list[_Change] = []
-        for entry_gpa in written:
-            if self.timing == "seed" and states.get(entry_gpa) is not EntryState.COMPLETE:
-                continue
-            kept = write_state.get(entry_gpa)
-            self._apply(entry_gpa, kept is not None and kept.is_pending, changes)
-        return self._finish(result, changes)
+        with self._lock:  # `_locked`, inlined: this is the hot path
+            view = self._view
+            if (event.gpa & ~PAGE_OFFSET_MASK) not in view.pages:
+                return _result(MonitorStatus.NOT_PROTECTED, None, (), (), ())
+            view.events.clear()
+            result = self.handler.handle_ept_write(vcpu, event)
+            if result.status is not Status.EMULATED:
+                return _result(MonitorStatus.HANDLED, result, (), (), ())
+            writes = result.writes
+            # One entry written (a MOV to one entry): no de-duplication to do.
+            written = (writes[0].gpa,) if len(writes) == 1 else tuple(
+                dict.fromkeys(record.gpa for record in writes))
+            seed = self.timing == "seed"
+            states = {entry.gpa: entry.state for entry in result.entries} if seed else {}
+            # Per written entry, not `handler.pending()` (which sorts every pending entry).
+            write_state = self.handler.write_state
+            changes: list[_Change] = []
+            for entry_gpa in written:
+                if seed and states.get(entry_gpa) is not EntryState.COMPLETE:
+                    continue
+                kept = write_state.get(entry_gpa)
+                self._apply(entry_gpa, kept is not None and kept.is_pending, changes)
+            return self._finish(result, changes)
 
     @_locked
     def flush(self, entry_gpa: int) -> MonitorResult:
@@ -290,17 +301,17 @@ class TranslationMonitor:
         view = self._view
         if (entry_gpa & ~PAGE_OFFSET_MASK) not in view.pages:
             return  # an earlier entry of the same event released this page
-        size = self.mode.entry_size
-        new_value = int.from_bytes(self.memory.read(entry_gpa, size), "little")
+        new_value = int.from_bytes(self.memory.read(entry_gpa, self._entry_size), "little")
         old_value, differences = view.apply_entry(entry_gpa, new_value)
         for difference in differences:
             self._collect(difference, entry_gpa, old_value, new_value, partial, changes)
 
     def _collect(self, difference: EntryDifference, entry_gpa: int, old_value: int,
                  new_value: int, partial: bool, changes: list[_Change]) -> None:
-        level = self.mode.levels[difference.position.level_index]
-        cause = EntryWrite(entry_gpa, level.number, level.name, old_value, new_value, partial)
-        at_load = self._view.is_pdpte(difference.position)
+        level_index = difference.position.level_index
+        cause = _entry_write(entry_gpa, self._level_numbers[level_index],
+                             self._level_names[level_index], old_value, new_value, partial)
+        at_load = self._at_cr3_load[level_index]
         old_runs, new_runs = difference.old, difference.new
         if (len(old_runs) == 1 and len(new_runs) == 1 and old_runs[0][:2] == new_runs[0][:2]
                 and old_runs[0][2] != new_runs[0][2]):
@@ -336,7 +347,9 @@ class TranslationMonitor:
                     for clipped in self._public(change, low, high):
                         handle.callback(clipped)
         events = self._view.events
-        return MonitorResult(
+        if not events:
+            return _result(MonitorStatus.HANDLED, result, tuple(public), (), ())
+        return _result(
             MonitorStatus.HANDLED, result, tuple(public),
             tuple(page for op, page in events if op == "protect"),
             tuple(page for op, page in events if op == "unprotect"))
@@ -390,11 +403,8 @@ class TranslationMonitor:
         return space
 
     def _level_changed(self, page: int, level: int | None) -> None:
-        # The handler reads `table_levels` when it classifies a completed entry.
-        if level is None:
-            self.handler.table_levels.pop(page, None)
-        else:
-            self.handler.table_levels[page] = level
+        # The handler reads the level when it classifies a completed entry.
+        self.handler.set_table_level(page, level)
 
     # -- addresses ----------------------------------------------------------------
 
@@ -446,7 +456,7 @@ class TranslationMonitor:
         out = []
         if len(runs) == 1 and runs[0][0] == low and runs[0][1] == high and (
                 not self._has_hole or not low < self._half < high):
-            return [Run(self._canonical(low), self._end(high), runs[0][2])]
+            return [_run(self._canonical(low), self._end(high), runs[0][2])]
         for start, end, state in clip(runs, low, high):
             for part_low, part_high in self._split(start, end):
                 part: TranslationState = state
@@ -458,11 +468,95 @@ class TranslationMonitor:
     def _public(self, change: _Change, low: int, high: int) -> list[TranslationChange]:
         out = []
         for part_low, part_high in self._split(low, high):
-            out.append(TranslationChange(
-                cr3=change.space.root_gpa, start=self._canonical(part_low),
-                end=self._end(part_high),
-                old=tuple(self._public_runs(change.old, part_low, part_high)),
-                new=tuple(self._public_runs(change.new, part_low, part_high)),
-                cause=tuple(change.cause), partial=change.partial,
-                at_cr3_load=change.at_cr3_load))
+            out.append(_translation_change(
+                change.space.root_gpa, self._canonical(part_low), self._end(part_high),
+                tuple(self._public_runs(change.old, part_low, part_high)),
+                tuple(self._public_runs(change.new, part_low, part_high)),
+                tuple(change.cause), change.partial, change.at_cr3_load))
         return out
+
+
+# -- cheap construction of the public frozen records ------------------------------------
+#
+# A frozen dataclass's __init__ sets each field through object.__setattr__ (a
+# type lookup and the frozen check per field); on the leaf-write path the
+# monitor builds five such records per event. These build the same objects
+# through the slot descriptors' setters: same class, same fields, same
+# equality (tests/monitor/test_monitor_units.py compares each with the
+# ordinary constructor). Keep each in step with its class's fields.
+
+_NEW = object.__new__
+
+
+def _slot(cls: type, name: str) -> Callable[[object, object], None]:
+    setter: Callable[[object, object], None] = vars(cls)[name].__set__
+    return setter
+
+
+_R_STATUS, _R_EVENT, _R_CHANGES, _R_PROTECTED, _R_UNPROTECTED = (
+    _slot(MonitorResult, name)
+    for name in ("status", "event", "changes", "protected", "unprotected"))
+
+
+def _result(status: MonitorStatus, event: EventResult | None,
+            changes: tuple[TranslationChange, ...], protected: tuple[int, ...],
+            unprotected: tuple[int, ...]) -> MonitorResult:
+    """`MonitorResult(status, event, changes, protected, unprotected)`, built cheaply."""
+    out = _NEW(MonitorResult)
+    _R_STATUS(out, status)
+    _R_EVENT(out, event)
+    _R_CHANGES(out, changes)
+    _R_PROTECTED(out, protected)
+    _R_UNPROTECTED(out, unprotected)
+    return out
+
+
+_RUN_START, _RUN_END, _RUN_TRANSLATION = (_slot(Run, name)
+                                          for name in ("start", "end", "translation"))
+
+
+def _run(start: int, end: int, translation: TranslationState) -> Run:
+    """`Run(start, end, translation)`, built cheaply."""
+    out = _NEW(Run)
+    _RUN_START(out, start)
+    _RUN_END(out, end)
+    _RUN_TRANSLATION(out, translation)
+    return out
+
+
+_C_CR3, _C_START, _C_END, _C_OLD, _C_NEW, _C_CAUSE, _C_PARTIAL, _C_AT_LOAD = (
+    _slot(TranslationChange, name)
+    for name in ("cr3", "start", "end", "old", "new", "cause", "partial", "at_cr3_load"))
+
+
+def _translation_change(cr3: int, start: int, end: int, old: tuple[Run, ...],
+                        new: tuple[Run, ...], cause: tuple[EntryWrite, ...], partial: bool,
+                        at_cr3_load: bool) -> TranslationChange:
+    """`TranslationChange(...)` with the fields in declaration order, built cheaply."""
+    out = _NEW(TranslationChange)
+    _C_CR3(out, cr3)
+    _C_START(out, start)
+    _C_END(out, end)
+    _C_OLD(out, old)
+    _C_NEW(out, new)
+    _C_CAUSE(out, cause)
+    _C_PARTIAL(out, partial)
+    _C_AT_LOAD(out, at_cr3_load)
+    return out
+
+
+_W_GPA, _W_LEVEL, _W_NAME, _W_OLD, _W_NEW, _W_PARTIAL = (
+    _slot(EntryWrite, name) for name in ("gpa", "level", "level_name", "old", "new", "partial"))
+
+
+def _entry_write(gpa: int, level: int, level_name: str, old: int, new: int,
+                 partial: bool) -> EntryWrite:
+    """`EntryWrite(gpa, level, level_name, old, new, partial)`, built cheaply."""
+    out = _NEW(EntryWrite)
+    _W_GPA(out, gpa)
+    _W_LEVEL(out, level)
+    _W_NAME(out, level_name)
+    _W_OLD(out, old)
+    _W_NEW(out, new)
+    _W_PARTIAL(out, partial)
+    return out

@@ -303,8 +303,11 @@ class View:
             if 0 <= offset < self._table_bytes[level_index]:
                 index = offset // self.entry_size
                 start = position.base + (index << self._shifts[level_index])
+                end = start + self._spans[level_index]
+                intervals = position.space.intervals
                 # An entry outside the space's watched ranges is not followed.
-                if overlaps(position.space.intervals, start, start + self._spans[level_index]):
+                if (len(intervals) == 1 and intervals[0][0] < end and start < intervals[0][1]) \
+                        or overlaps(intervals, start, end):
                     found.append((position, index))
         return found
 
@@ -323,12 +326,22 @@ class View:
         """
         page = entry_gpa & ~PAGE_OFFSET_MASK
         offset = entry_gpa & PAGE_OFFSET_MASK
+        end = offset + self.entry_size
         data = self.cache[page]
-        old_value = int.from_bytes(data[offset:offset + self.entry_size], "little")
-        if old_value == new_value:
+        old_value = int.from_bytes(data[offset:end], "little")
+        codecs = self.codecs
+        present = (old_value | new_value) & 1
+        changed = old_value ^ new_value
+        for position in self.pages[page]:
+            # `LevelCodec.quiet`, inlined: one mask per level, no translation built.
+            if present and changed & codecs[position.level_index].significant:
+                break
+        else:
+            # Unchanged, or only A/D/G/ignored bits, or not present before and after,
+            # for every reader of the page: nothing translates differently.
+            data[offset:end] = new_value.to_bytes(self.entry_size, "little")
             return old_value, []
         found = self.holders(entry_gpa)
-        codecs = self.codecs
         links = False
         for position, _index in found:
             codec = codecs[position.level_index]
@@ -368,16 +381,27 @@ class View:
         """What an entry that links no table before or after changed at each holder:
         its own translation, computed from the two values (O(1) per holder)."""
         differences = []
+        codecs = self.codecs
+        shifts = self._shifts
         for position, index in found:
-            codec = self.codecs[position.level_index]
+            level_index = position.level_index
+            codec = codecs[level_index]
             old = _entry_state(codec, position, old_value)
             new = _entry_state(codec, position, new_value)
             if old == new:
                 continue  # same frame and attributes (page size is not identity)
-            start = position.base + (index << codec.level.shift)
-            parts = intersect(position.space.intervals, start, start + codec.page_bytes)
+            space = position.space
+            start = position.base + (index << shifts[level_index])
+            end = start + codec.page_bytes
+            intervals = space.intervals
+            if len(intervals) == 1 and intervals[0][0] <= start and end <= intervals[0][1]:
+                # Watched whole (one interval covers the entry): no clipping.
+                differences.append(EntryDifference(space, position, index, [(start, end, old)],
+                                                   [(start, end, new)]))
+                continue
+            parts = intersect(intervals, start, end)
             differences.append(EntryDifference(
-                position.space, position, index,
+                space, position, index,
                 [(low, high, _shifted(old, low - start)) for low, high in parts],
                 [(low, high, _shifted(new, low - start)) for low, high in parts]))
         return differences
