@@ -24,6 +24,7 @@ from ptemu.paging.modes import MODE_NAMES
 
 if TYPE_CHECKING:
     from ptemu.kvm.layout import GuestLayout
+    from ptemu.kvm.monitor_run import MonitorRunReport
     from ptemu.kvm.runner import RunLimits, RunReport
     from ptemu.kvm.smp import SmpReport
 
@@ -33,6 +34,8 @@ _DEFAULT_MAX_EXITS = 10_000_000
 """`_DEFAULT_MAX_EXITS` (tests/cli/test_cli_startup.py keeps the two equal)."""
 _DEFAULT_TIMEOUT = 600.0
 """`_DEFAULT_TIMEOUT`."""
+MONITOR_DEFAULT_CYCLES = 10
+"""Cycles of ``--program monitor`` when ``--iterations`` is not given."""
 
 EXIT_OK = 0
 EXIT_DISAGREE = 1
@@ -48,7 +51,10 @@ _RUN_HELP = ("Bring a guest up in a paging mode, run a page-table writer under "
              "single-stepping with its page tables in a read-only memslot, handle every "
              "write exit with ptemu's handler and compare with what KVM did. Prints exits "
              "handled, disagreements and events per second; exit status 0 when all "
-             "agree, 1 on a disagreement, 3 when the guest does not finish.")
+             "agree, 1 on a disagreement, 3 when the guest does not finish. With "
+             "--program monitor the guest edits its own page tables and the translation "
+             "monitor decides which pages exit (one read-only memslot per protected page); "
+             "after every exit its view is compared with a walk of guest memory.")
 _PROBE_HELP = ("Open /dev/kvm and print what this host's KVM offers ptemu kvm run: "
                "read-only memslots, single-stepping, registers in kvm_run, LA57, and which "
                "paging modes and code sizes a guest can run in.")
@@ -73,9 +79,10 @@ def register(subparsers: Any) -> None:
                           "32 in 4/5-level runs in compatibility mode)")
     run.add_argument("--program", default="stress", choices=PROGRAM_NAMES,
                      help="guest program (default stress)")
-    run.add_argument("--iterations", type=count(1, 10_000_000), default=100, metavar="N",
-                     help="loop iterations of the guest program (default 100); the kernel "
-                          "program calls each writer this many times")
+    run.add_argument("--iterations", type=count(1, 10_000_000), default=None, metavar="N",
+                     help="loop iterations of the guest program (default 100; 10 cycles "
+                          "for --program monitor); the kernel program calls each writer "
+                          "this many times")
     run.add_argument("--writers", metavar="PATH",
                      help="kernel-writer records for --program kernel (default: the "
                           "records shipped with ptemu, taken from Debian's kernels)")
@@ -132,8 +139,12 @@ def run_command(args: argparse.Namespace) -> int:
         args.paging = args.mode_alias
     limits = RunLimits(max_exits=args.max_exits, timeout=args.timeout)
     layout = GuestLayout.create(args.paging, args.code_bits, monitored_pages=args.pages)
+    if args.iterations is None:
+        args.iterations = MONITOR_DEFAULT_CYCLES if args.program == "monitor" else 100
     if args.vcpus is not None:
         return run_vcpus_command(args, layout, limits)
+    if args.program == "monitor":
+        return run_monitor_command(args, layout, limits)
     program = build_program(args.program, layout, iterations=args.iterations, seed=args.seed,
                             writers=args.writers)
     system = KvmSystem()
@@ -214,6 +225,66 @@ def _print_smp_report(report: SmpReport, show: int) -> None:
     print(f"  end: {report.stop} ({report.detail})")
     for disagreement in report.disagreements[:show]:
         print(disagreement.describe())
+
+
+def _print_monitor_report(report: MonitorRunReport, show: int) -> None:
+    run = report.run
+    print(f"  exits handled: {run.writes} (each through the translation monitor, its handler "
+          "checked against KVM)")
+    print(f"  disagreements: {run.disagreement_count}")
+    print("  exits where the program's model expects them: "
+          + ("all" if report.exits_as_expected else f"NO ({report.exit_difference})")
+          + f" ({report.exits_expected} table writes exit; {report.silent_writes} stores "
+          "to tables not linked yet or any more, and to freed tables reused as data, do not)")
+    print(f"  view checks: {report.checks} ({report.probes} probe addresses walked after "
+          f"every exit), {report.problems} problems")
+    print(f"  translation changes: {report.changes} ({report.partial_changes} partial, "
+          f"{report.cr3_load_changes} at the next CR3 load)")
+    print(f"  protection: {report.protects} pages protected, {report.unprotects} unprotected, "
+          f"at most {report.peak_protected} at once; {report.slot_changes} memslot changes, "
+          f"at most {report.peak_slots} memslots")
+    print(f"  final pages: {'as' if report.final_pages_ok else 'NOT as'} the program's "
+          "model says")
+    per_exit = report.monitor_seconds / run.writes * 1e6 if run.writes else 0.0
+    print(f"  monitor: {per_exit:.0f} us an exit ({report.monitor_seconds:.2f} s, handler "
+          f"included; {report.check_seconds:.2f} s in the checks)")
+    print(f"  vm exits: {run.exits} ({run.steps} single steps)")
+    if run.families:
+        print("  instructions: " + ", ".join(
+            f"{name} {count}" for name, count in sorted(run.families.items())))
+    print(f"  end: {run.stop} ({run.detail})")
+    for problem in report.first_problems[:show]:
+        print(f"  problem {problem}")
+    for disagreement in run.disagreements[:show]:
+        print(disagreement.describe())
+
+
+def run_monitor_command(args: argparse.Namespace, layout: GuestLayout,
+                        limits: RunLimits) -> int:
+    """``ptemu kvm run --program monitor``: the monitor decides what exits."""
+    from ptemu.kvm.device import KvmSystem
+    from ptemu.kvm.monitor_program import monitor_program
+    from ptemu.kvm.monitor_run import run_monitored
+    from ptemu.kvm.runner import StopReason
+
+    if args.save_fixture:
+        raise UsageError("--save-fixture: the monitor program's writes are not saved as a "
+                         "fixture (its tables live outside the monitored pages)")
+    scenario = monitor_program(layout, args.iterations)
+    system = KvmSystem()
+    try:
+        print(f"ptemu kvm: {layout.mode.name} paging, {layout.code_bits}-bit code, program "
+              f"monitor, {args.iterations} cycles")
+        print(f"  guest: {scenario.program.description}")
+        sys.stdout.flush()
+        report = run_monitored(system, layout, scenario, limits=limits)
+        _print_monitor_report(report, args.show)
+    finally:
+        system.close()
+    if report.run.stop is StopReason.REFUSED or report.run.disagreement_count \
+            or not report.ok and report.run.stop is StopReason.HALTED:
+        return EXIT_DISAGREE
+    return EXIT_OK if report.ok else EXIT_GUEST
 
 
 def run_vcpus_command(args: argparse.Namespace, layout: GuestLayout, limits: RunLimits) -> int:

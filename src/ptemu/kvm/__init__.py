@@ -4,7 +4,9 @@ Standard library only: `abi` transcribes <linux/kvm.h>, `device` drives
 /dev/kvm, `layout` and `machine` bring a guest up directly in a paged mode,
 `programs` and `kernel` are what the guest runs, `runner` handles the exits
 and compares, `capture` saves what a run saw as a fixture, `probe` says what
-this host's KVM can do. docs/kvm.md has the whole story.
+this host's KVM can do. `memslots` write-protects single pages with read-only
+memslots, `monitor_program` and `monitor_run` run a guest that edits its own
+page tables with the translation monitor deciding what exits. docs/kvm.md has the whole story.
 """
 
 from typing import Any
@@ -22,6 +24,9 @@ _LAZY: dict[str, str] = {
     "KvmGuestMemory": "ptemu.kvm.machine",
     "KvmSystem": "ptemu.kvm.device",
     "KvmUnavailable": "ptemu.kvm.device",
+    "MemslotProtector": "ptemu.kvm.memslots",
+    "MonitorRunReport": "ptemu.kvm.monitor_run",
+    "MonitorScenario": "ptemu.kvm.monitor_program",
     "ModeSupport": "ptemu.kvm.probe",
     "ObservedWrite": "ptemu.kvm.runner",
     "PROGRAM_NAMES": "ptemu.kvm.catalog",
@@ -32,9 +37,11 @@ _LAZY: dict[str, str] = {
     "fixture_document": "ptemu.kvm.capture",
     "kernel_program": "ptemu.kvm.kernel",
     "load_kernel_writers": "ptemu.kvm.kernel",
+    "monitor_program": "ptemu.kvm.monitor_program",
     "probe_host": "ptemu.kvm.probe",
     "probe_mode": "ptemu.kvm.probe",
     "run_guest": "ptemu.kvm.runner",
+    "run_monitored": "ptemu.kvm.monitor_run",
     "save_fixture": "ptemu.kvm.capture",
     "select_writers": "ptemu.kvm.kernel",
     "stress_program": "ptemu.kvm.programs",
@@ -63,7 +70,10 @@ __all__ = [
     "KvmGuestMemory",
     "KvmSystem",
     "KvmUnavailable",
+    "MemslotProtector",
     "ModeSupport",
+    "MonitorRunReport",
+    "MonitorScenario",
     "ObservedWrite",
     "RunLimits",
     "RunReport",
@@ -72,9 +82,11 @@ __all__ = [
     "fixture_document",
     "kernel_program",
     "load_kernel_writers",
+    "monitor_program",
     "probe_host",
     "probe_mode",
     "run_guest",
+    "run_monitored",
     "save_fixture",
     "select_writers",
     "stress_program",

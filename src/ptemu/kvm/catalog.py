@@ -11,9 +11,11 @@ from ptemu.kvm.kernel import kernel_program, load_kernel_writers, select_writers
 from ptemu.kvm.layout import GuestLayout
 from ptemu.kvm.programs import GuestProgram, stress_program
 
-PROGRAM_NAMES: tuple[str, ...] = ("stress", "kernel")
+PROGRAM_NAMES: tuple[str, ...] = ("stress", "kernel", "monitor")
 """``stress``: every instruction family, hand-assembled; ``kernel``: Debian
-kernel page-table writers from the corpus records."""
+kernel page-table writers from the corpus records; ``monitor``: a guest that
+edits its own page tables, run with the translation monitor deciding which
+pages exit (`ptemu.kvm.monitor_program`, `ptemu.kvm.monitor_run`)."""
 
 WRITERS_FILE = "kernel_writers.json"
 """The Debian kernel-writer records shipped in the package (``ptemu/kvm/data/``),
@@ -52,5 +54,8 @@ def build_program(name: str, layout: GuestLayout, *, iterations: int, seed: int 
     if name == "kernel":
         records = load_kernel_writers(find_writers_file(writers))
         return kernel_program(layout, select_writers(records, layout), iterations, seed)
+    if name == "monitor":
+        raise UsageError("the monitor program runs with the translation monitor "
+                         "(ptemu.kvm.monitor_run.run_monitored), not as a plain program")
     raise UsageError(f"unknown guest program {name!r} (expected one of: "
                      f"{', '.join(PROGRAM_NAMES)})")

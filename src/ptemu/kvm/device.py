@@ -187,6 +187,33 @@ class Vm:
             self.readonly_slots.add(slot)
         return region
 
+    def map_slot(self, slot: int, gpa: int, size: int, host_address: int, *,
+                 readonly: bool = False) -> None:
+        """Make memslot `slot` map ``[gpa, gpa+size)`` to host memory at `host_address`.
+
+        The host memory must be part of a region this VM owns (`add_memory`): a
+        `ptemu.kvm.memslots.MemslotProtector` splits one region into several slots
+        so that one 4 KiB page can be read-only. Slots must not overlap.
+        """
+        descriptor = abi.KvmUserspaceMemoryRegion(
+            slot=slot, flags=abi.KVM_MEM_READONLY if readonly else 0, guest_phys_addr=gpa,
+            memory_size=size, userspace_addr=host_address)
+        _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, descriptor,
+               f"KVM_SET_USER_MEMORY_REGION (slot {slot}, GPA {gpa:#x}, {size:#x} bytes)")
+        if readonly:
+            self.readonly_slots.add(slot)
+        else:
+            self.readonly_slots.discard(slot)
+
+    def delete_slot(self, slot: int) -> None:
+        """Delete memslot `slot` (KVM_SET_USER_MEMORY_REGION with size 0); its host
+        memory stays mapped and owned by its region."""
+        descriptor = abi.KvmUserspaceMemoryRegion(slot=slot, flags=0, guest_phys_addr=0,
+                                                  memory_size=0, userspace_addr=0)
+        _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, descriptor,
+               f"KVM_SET_USER_MEMORY_REGION (delete slot {slot})")
+        self.readonly_slots.discard(slot)
+
     def region_of(self, gpa: int, size: int = 1) -> GuestRegion | None:
         """The region that holds ``[gpa, gpa+size)``, if one does."""
         for region in self.regions.values():

@@ -257,15 +257,29 @@ class GuestRun:
         self._cs_base = self.vcpu.get_sregs().cs.base
         self.raced = 0
         self.rewritten = 0
+        self.single_step = machine.monitored
+        """Single-step the guest (needed to know the registers before each write)."""
 
     def _before_run(self) -> None:
         """Called before every KVM_RUN; may end the run by raising `_Stop`."""
+
+    def _write_exits(self, gpa: int, size: int) -> bool:
+        """Whether a guest write of `size` bytes at `gpa` is one that should exit."""
+        return self.layout.is_monitored(gpa, size)
+
+    def _known_gla(self, gpa: int) -> int | None:
+        """The GLA through which the guest writes `gpa` (before it is checked)."""
+        return self.layout.monitored_gla_of(gpa)
+
+    def _emulate(self, event: WriteEvent) -> EventResult:
+        """Have the exit handled: by the handler here, by a monitor in a subclass."""
+        return self.handler.handle_ept_write(self.handler_vcpu, event)
 
     def run(self) -> RunReport:
         machine, vcpu, limits = self.machine, self.vcpu, self.limits
         initial_tables = machine.monitored_bytes()
         regs_raw = bytes(vcpu.regs_raw())
-        if machine.monitored:
+        if self.single_step:
             vcpu.set_single_step(True)
             vcpu.enable_sync_regs()
         refused: EventResult | None = None
@@ -366,7 +380,7 @@ class GuestRun:
         Raises `_Stop` for a read (of memory no memslot backs) and for a
         write outside the monitored pages.
         """
-        vcpu, layout = self.vcpu, self.layout
+        vcpu = self.vcpu
         gpa = vcpu.u64(abi.RUN_MMIO_PHYS_ADDR)
         length = vcpu.u32(abi.RUN_MMIO_LEN)
         is_write = vcpu.run_page[abi.RUN_MMIO_IS_WRITE]
@@ -377,7 +391,7 @@ class GuestRun:
             raise _Stop(StopReason.UNEXPECTED_EXIT, (
                 f"the guest read {length} bytes at GPA {gpa:#x}, which no memslot backs "
                 f"(instruction before rip={after['rip']:#x})"))
-        if not layout.is_monitored(gpa, length):
+        if not self._write_exits(gpa, length):
             raise _Stop(StopReason.UNEXPECTED_EXIT, (
                 f"the guest wrote {length} bytes at GPA {gpa:#x}, outside the monitored pages "
                 f"(instruction before rip={after['rip']:#x})"))
@@ -402,8 +416,8 @@ class GuestRun:
             self.observed.append(observed)
         self.handler_vcpu.begin_exit()
         started = time.perf_counter()
-        result = self.handler.handle_ept_write(self.handler_vcpu, WriteEvent(
-            gpa=gpa, gla=gla, regs=regs, code=code, code_bits=layout.code_bits))
+        result = self._emulate(WriteEvent(gpa=gpa, gla=gla, regs=regs, code=code,
+                                          code_bits=layout.code_bits))
         self.handler_seconds += time.perf_counter() - started
         if result.status is not Status.EMULATED:
             self._apply_kvm(page_gpa, page_before, gpa, data)
@@ -468,7 +482,7 @@ class GuestRun:
         return walk(self.layout.mode, cr3, gla, self.machine.memory).gpa
 
     def _gla_of(self, gpa: int, regs: Mapping[str, int]) -> int:
-        gla = self.layout.monitored_gla_of(gpa)
+        gla = self._known_gla(gpa)
         if gla is None or self._translate(gla, regs["cr3"]) != gpa:
             raise _Stop(StopReason.UNEXPECTED_EXIT, (
                 f"no guest-linear address of GPA {gpa:#x} is known (the guest changed "
