@@ -21,6 +21,7 @@ vCPU stopped.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 from ptemu.errors import UsageError
@@ -62,6 +63,8 @@ class MemslotProtector:
         """KVM_SET_USER_MEMORY_REGION calls made since construction."""
         self.peak_slots = 0
         """Most memslots in use at once."""
+        self.seconds = 0.0
+        """Seconds spent in `protect` and `unprotect` (KVM's slot updates, mostly)."""
         for number, region in sorted(vm.regions.items()):
             vm.delete_slot(number)
             self.slot_changes += 1
@@ -72,6 +75,7 @@ class MemslotProtector:
 
     def protect(self, gpa: int) -> None:
         """Make guest writes to the page at `gpa` exit (KVM_EXIT_MMIO)."""
+        started = time.perf_counter()
         slot = self._slot_of(gpa)
         if slot.readonly:
             raise UsageError(f"page {gpa:#x} is already protected")
@@ -82,9 +86,11 @@ class MemslotProtector:
         if gpa + PAGE_SIZE < slot.end:
             self._add(gpa + PAGE_SIZE, slot.end, False, slot.region)
         self.protected.add(gpa)
+        self.seconds += time.perf_counter() - started
 
     def unprotect(self, gpa: int) -> None:
         """Let guest writes to the page at `gpa` reach memory without an exit."""
+        started = time.perf_counter()
         slot = self._slot_of(gpa)
         if not slot.readonly:
             raise UsageError(f"page {gpa:#x} is not protected")
@@ -103,6 +109,7 @@ class MemslotProtector:
             self._remove(old)
         self._add(start, end, False, slot.region)
         self.protected.discard(gpa)
+        self.seconds += time.perf_counter() - started
 
     # -- queries -------------------------------------------------------------------
 

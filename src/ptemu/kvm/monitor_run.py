@@ -104,7 +104,9 @@ class MonitorRunReport:
     silent_writes: int
     final_pages_ok: bool
     monitor_seconds: float
-    """Seconds inside the monitor (its handler included)."""
+    """Seconds inside the monitor (its handler and the memslot changes included)."""
+    protection_seconds: float
+    """Seconds of those in `MemslotProtector.protect`/`unprotect` (KVM's slot updates)."""
     check_seconds: float
 
     @property
@@ -150,6 +152,7 @@ class MonitoredGuestRun(GuestRun):
                 self.shadow[(root, gla)] = walked_translation(mode, root, gla,
                                                               machine.memory)[0]
         self._last: MonitorResult | None = None
+        self._setup_protection_seconds = self.protector.seconds
         self._check()
 
     # -- hooks -------------------------------------------------------------------------
@@ -259,7 +262,9 @@ class MonitoredGuestRun(GuestRun):
             exits_expected=len(self.scenario.exit_gpas),
             exits_as_expected=not difference, exit_difference=difference,
             silent_writes=self.scenario.silent_writes, final_pages_ok=final_ok,
-            monitor_seconds=self.monitor_seconds, check_seconds=self.check_seconds)
+            monitor_seconds=self.monitor_seconds,
+            protection_seconds=self.protector.seconds - self._setup_protection_seconds,
+            check_seconds=self.check_seconds)
 
 
 def run_monitored(system: KvmSystem, layout: GuestLayout, scenario: MonitorScenario, *,
