@@ -26,6 +26,7 @@ Modules, one purpose each, in the order the data flows:
 ``synthetic64``    snippet traces of 64-bit (and compatibility-mode) code
 ``synthetic32``    snippet traces of 32/16-bit code under PAE and legacy paging
 ``handwritten``    refusals a capture cannot record
+``own_hierarchy``  traces that edit the hierarchy their CR3 roots (``ptemu monitor``)
 ``kernel_args``    kernel-writer arguments in registers and stack words
 ``kernel_traces``  kernel-writer traces: scenarios, stubs, kernel globals
 ``corpus``         render, compare and write the corpus files

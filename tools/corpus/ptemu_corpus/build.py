@@ -3,9 +3,11 @@
 Every trace but a handful is made by ``ptemu capture``: the code runs in
 Unicorn with paging on, at its real addresses, and the fixture's expectations
 are what the execution stored and the registers it left (docs/capture.md).
-Three groups: the Debian kernels' page-table writers (`kernel_traces`, from
+Four groups: the Debian kernels' page-table writers (`kernel_traces`, from
 ``src/ptemu/kvm/data/kernel_writers.json``), synthetic snippets
-(`synthetic64`, `synthetic32`) and hand-written refusals (`handwritten`).
+(`synthetic64`, `synthetic32`), hand-written refusals (`handwritten`) and
+guests that edit the hierarchy their own CR3 roots (`own_hierarchy`, the
+input of ``ptemu monitor``).
 Every fixture carries the paging structures its capture ran under
 (``include_page_tables``), so ``ptemu walk`` works on each of them.
 

@@ -176,18 +176,21 @@ def own_hierarchy_pae() -> Trace:
         return {"rsi": gla, "rdx": old >> 32, "rax": old & 0xFFFF_FFFF,
                 "rcx": new >> 32, "rbx": new & 0xFFFF_FFFF}
 
-    g.call("set", **set64(entry(0x2000, 2), 0x4000 | TABLE))                    # 0 link PT
-    g.call("set", **set64(entry(0x4000, 0), 0x0D00_0000 | DATA))                # 1 map
-    g.call("cmpxchg8b", **cmpxchg8b(entry(0x2000, 1), 0x0C00_0000 | PS | DATA,  # 2 split
-                                    0x5000 | TABLE),
-           memory=[{"gpa": h(0x5000), "data": _split_table(0x0C00_0000, DATA).hex()}])
-    g.call("set", **set64(entry(0x5000, 5), 0x0E00_0000 | DATA))                # 3 remap
-    g.call("btr1", rax=entry(0x3000, 0))                                        # 4 R/W off
-    g.call("andb", rax=entry(0x2000, 2))                                        # 5 R/W off
-    g.call("cmpxchg8b", **cmpxchg8b(entry(0x2000, 0), 0x3000 | TABLE, 0))       # 6 unlink
-    g.call("cmpxchg8b", **cmpxchg8b(entry(ROOT, 0), 0x2000 | PDPTE,             # 7 PDPTE 0
-                                    0x6000 | PDPTE),
-           memory=[{"gpa": h(0x3000), "data": FREED_DATA.hex()}])
+    def call(label: str, regs: dict[str, int], memory: list[Json] | None = None) -> None:
+        g.call(label, memory, None, None, **regs)
+
+    call("set", set64(entry(0x2000, 2), 0x4000 | TABLE))                        # 0 link PT
+    call("set", set64(entry(0x4000, 0), 0x0D00_0000 | DATA))                    # 1 map
+    call("cmpxchg8b", cmpxchg8b(entry(0x2000, 1), 0x0C00_0000 | PS | DATA,      # 2 split
+                                0x5000 | TABLE),
+         [{"gpa": h(0x5000), "data": _split_table(0x0C00_0000, DATA).hex()}])
+    call("set", set64(entry(0x5000, 5), 0x0E00_0000 | DATA))                    # 3 remap
+    call("btr1", {"rax": entry(0x3000, 0)})                                     # 4 R/W off
+    call("andb", {"rax": entry(0x2000, 2)})                                     # 5 R/W off
+    call("cmpxchg8b", cmpxchg8b(entry(0x2000, 0), 0x3000 | TABLE, 0))           # 6 unlink
+    call("cmpxchg8b", cmpxchg8b(entry(ROOT, 0), 0x2000 | PDPTE,                 # 7 PDPTE 0
+                                0x6000 | PDPTE),
+         [{"gpa": h(0x3000), "data": FREED_DATA.hex()}])
     finish = _with_kernel_half(g, range(3, 4))
     return Trace(g.name, description=g.description(), finish=finish)
 
