@@ -320,6 +320,33 @@ class PtWriteHandler:
             else:
                 self.table_levels[page_gpa] = level
 
+    def forget_page(self, page_gpa: int) -> tuple[int, ...]:
+        """Drop the write state of every entry in the page at `page_gpa`; return
+        the entries that had a partial write pending, in address order.
+
+        For a page that stops being watched (the translation monitor calls it when
+        it unprotects a page): the guest's writes to it no longer reach the
+        handler, so a pending entry's remembered value, and the last write a
+        duplicate is recognised by, would be stale by the time the page is
+        watched again (a table freed, reused as data, linked again): a write that
+        then completes the entry would report an old value memory never held.
+        Raises `UsageError` for a GPA that is not a page-aligned non-negative integer.
+        """
+        if isinstance(page_gpa, bool) or not isinstance(page_gpa, int) or page_gpa < 0 \
+                or page_gpa % PAGE_SIZE:
+            raise UsageError(f"page {page_gpa!r}: expected a page-aligned GPA")
+        forgotten = []
+        with self._lock:
+            table = self.write_state
+            for entry_gpa in range(page_gpa, page_gpa + PAGE_SIZE, self.entry_size):
+                state = table.get(entry_gpa)
+                if state is None:
+                    continue
+                if state.is_pending:
+                    forgotten.append(entry_gpa)
+                table.forget(entry_gpa)
+        return tuple(forgotten)
+
     def pending(self) -> tuple[int, ...]:
         """GPAs of the entries with a partial write pending, in address order."""
         with self._lock:
