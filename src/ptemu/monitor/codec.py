@@ -25,6 +25,8 @@ from ptemu.paging.modes import Bit7, EntryFormat, Level, PagingMode, bit7_role
 from ptemu.paging.translate import AccessRights
 
 _NEW = object.__new__
+_PK_MASK, _PK_SHIFT = bits.PK_MASK, bits.PK_SHIFT
+_PWT_BIT, _PCD_BIT, _A_BIT, _D_BIT = bits.PWT, bits.PCD, bits.A, bits.D
 
 
 class LevelCodec:
@@ -32,7 +34,7 @@ class LevelCodec:
 
     __slots__ = ("_legacy_large", "_mode", "accessed_dirty", "is_last",
                  "large_bit", "level", "nx_mask", "page_address", "page_bytes",
-                 "page_reserved", "pat_bit", "pk", "rw_mask", "significant",
+                 "page_level", "page_reserved", "pat_bit", "pk", "rw_mask", "significant",
                  "table_address", "table_reserved", "us_mask")
 
     def __init__(self, mode: PagingMode, level: Level, *, nxe: bool, pse: bool,
@@ -41,6 +43,8 @@ class LevelCodec:
         self.level = level
         self.is_last = level is mode.levels[-1]
         """No entry here links a table (the PTE level)."""
+        self.page_level = level.is_leaf_level
+        """Every present entry here maps a page (`maps_page` without the PS test)."""
         role7 = bit7_role(level, pse=pse)
         self.large_bit = bits.PS if (role7 is Bit7.PAGE_SIZE and not level.is_leaf_level) else 0
         """PS where a present entry with it set maps a large page (0: no large pages)."""
@@ -73,7 +77,7 @@ class LevelCodec:
 
     def maps_page(self, value: int) -> bool:
         """Whether a present `value` maps a page here (a PTE, or PS=1 where PS exists)."""
-        return self.level.is_leaf_level or bool(value & self.large_bit)
+        return self.page_level or bool(value & self.large_bit)
 
     def link(self, value: int) -> int | None:
         """The table a used entry links (`decode_entry(...).address`), or None when the
@@ -103,26 +107,30 @@ class LevelCodec:
         """
         if not value & 1 or value & self.page_reserved:
             return None
-        combined = self.rights(rights, value)
         if self._legacy_large and value & self.large_bit:
             frame = entry_address(self._mode, self.level, value, maps_page=True)
         else:
             frame = value & self.page_address
         # Translation is a frozen dataclass; set its slots directly (its __init__
-        # goes through object.__setattr__ per field, three times slower).
+        # goes through object.__setattr__ per field, three times slower). The
+        # rights are `self.rights(rights, value)`, inlined (one call per leaf less).
         out = _NEW(Translation)
         _FRAME(out, frame)
         _SIZE(out, self.page_bytes)
-        _WRITABLE(out, combined.writable)
-        _USER(out, combined.user)
-        _EXECUTABLE(out, combined.executable)
-        _PK(out, (value & bits.PK_MASK) >> bits.PK_SHIFT if self.pk else None)
-        _PWT(out, bool(value & bits.PWT))
-        _PCD(out, bool(value & bits.PCD))
-        _PAT(out, bool(value & self.pat_bit))
-        report = self.accessed_dirty
-        _ACCESSED(out, bool(value & bits.A) if report else None)
-        _DIRTY(out, bool(value & bits.D) if report else None)
+        rw, us = self.rw_mask, self.us_mask
+        _WRITABLE(out, rights.writable and (not rw or (value & rw) != 0))
+        _USER(out, rights.user and (not us or (value & us) != 0))
+        _EXECUTABLE(out, rights.executable and not value & self.nx_mask)
+        _PK(out, (value & _PK_MASK) >> _PK_SHIFT if self.pk else None)
+        _PWT(out, (value & _PWT_BIT) != 0)
+        _PCD(out, (value & _PCD_BIT) != 0)
+        _PAT(out, (value & self.pat_bit) != 0)
+        if self.accessed_dirty:
+            _ACCESSED(out, (value & _A_BIT) != 0)
+            _DIRTY(out, (value & _D_BIT) != 0)
+        else:
+            _ACCESSED(out, None)
+            _DIRTY(out, None)
         return out
 
 

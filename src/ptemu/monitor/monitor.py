@@ -283,9 +283,59 @@ class TranslationMonitor:
             for entry_gpa in written:
                 if seed and states.get(entry_gpa) is not EntryState.COMPLETE:
                     continue
+                if (entry_gpa & ~PAGE_OFFSET_MASK) not in view.pages:
+                    continue  # an earlier entry of the same event released this page
+                # `_apply`, inlined.
                 kept = write_state.get(entry_gpa)
-                self._apply(entry_gpa, kept is not None and kept.is_pending, changes)
+                partial = kept is not None and kept.is_pending
+                new_value = int.from_bytes(self.memory.read(entry_gpa, self._entry_size),
+                                           "little")
+                old_value, differences = view.apply_entry(entry_gpa, new_value)
+                if len(differences) == 1 and len(written) == 1 and not view.events:
+                    done = self._one_run_change(result, differences[0], entry_gpa, old_value,
+                                                new_value, partial)
+                    if done is not None:
+                        return done
+                for difference in differences:
+                    self._collect(difference, entry_gpa, old_value, new_value, partial,
+                                  changes)
             return self._finish(result, changes)
+
+    def _one_run_change(self, result: EventResult, difference: EntryDifference,
+                        entry_gpa: int, old_value: int, new_value: int, partial: bool,
+                        ) -> MonitorResult | None:
+        """`_collect` then `_finish` for the commonest event, a leaf write: one entry
+        written, one changed run on each side over the same range, no page protected
+        or unprotected. The same result, built without the general machinery;
+        None when the event is not that case."""
+        space, position, _index, old_runs, new_runs = difference
+        if len(old_runs) != 1 or len(new_runs) != 1:
+            return None
+        (low, high, old_state), (new_low, new_high, new_state) = old_runs[0], new_runs[0]
+        if low != new_low or high != new_high or old_state == new_state or (
+                self._has_hole and low < self._half < high):
+            return None
+        level_index = position.level_index
+        cause = _entry_write(entry_gpa, self._level_numbers[level_index],
+                             self._level_names[level_index], old_value, new_value, partial)
+        at_load = self._at_cr3_load[level_index]
+        start, end = self._canonical(low), self._end(high)
+        change = _translation_change(space.root_gpa, start, end, (_run(start, end, old_state),),
+                                     (_run(start, end, new_state),), (cause,), partial, at_load)
+        for handle in list(self._watches.get(space.root_gpa, ())):
+            if handle.callback is None:
+                continue
+            for part_low, part_high in intersect(list(handle.flat), low, high):
+                if part_low == low and part_high == high:
+                    handle.callback(change)
+                    continue
+                general = _Change(space, low, high, list(old_runs), list(new_runs), [cause],
+                                  partial, at_load)
+                for clipped in self._public(general, part_low, part_high):
+                    handle.callback(clipped)
+        if self._view.events:   # a callback called back in (unwatch): report its pages
+            return self._with_events(result, [change])
+        return _result(MonitorStatus.HANDLED, result, (change,), (), ())
 
     @_locked
     def flush(self, entry_gpa: int) -> MonitorResult:
@@ -339,13 +389,22 @@ class TranslationMonitor:
     def _finish(self, result: EventResult | None, changes: list[_Change]) -> MonitorResult:
         public: list[TranslationChange] = []
         for change in changes:
-            public.extend(self._public(change, change.start, change.end))
+            whole = self._public(change, change.start, change.end)
+            public.extend(whole)
             for handle in list(self._watches.get(change.space.root_gpa, ())):
                 if handle.callback is None:
                     continue
                 for low, high in intersect(list(handle.flat), change.start, change.end):
-                    for clipped in self._public(change, low, high):
-                        handle.callback(clipped)
+                    # A watch that covers the whole change gets the same (frozen) records.
+                    clipped = whole if low == change.start and high == change.end else (
+                        self._public(change, low, high))
+                    for one in clipped:
+                        handle.callback(one)
+        return self._with_events(result, public)
+
+    def _with_events(self, result: EventResult | None,
+                     public: list[TranslationChange]) -> MonitorResult:
+        """The result of an event: its changes and the pages (un)protected meanwhile."""
         events = self._view.events
         if not events:
             return _result(MonitorStatus.HANDLED, result, tuple(public), (), ())
@@ -466,6 +525,17 @@ class TranslationMonitor:
         return out
 
     def _public(self, change: _Change, low: int, high: int) -> list[TranslationChange]:
+        old, new = change.old, change.new
+        if (len(old) == 1 and len(new) == 1 and old[0][0] == low == new[0][0]
+                and old[0][1] == high == new[0][1]
+                and (not self._has_hole or not low < self._half < high)):
+            # One run each side covering exactly the range (a leaf write): what the
+            # general path below gives, without clipping or splitting.
+            start, end = self._canonical(low), self._end(high)
+            return [_translation_change(
+                change.space.root_gpa, start, end, (_run(start, end, old[0][2]),),
+                (_run(start, end, new[0][2]),), tuple(change.cause), change.partial,
+                change.at_cr3_load)]
         out = []
         for part_low, part_high in self._split(low, high):
             out.append(_translation_change(

@@ -86,6 +86,10 @@ class Space:
     root: Position | None = None
 
 
+_new_tuple = tuple.__new__
+"""What a named tuple's own ``__new__`` calls (one Python frame less per build)."""
+
+
 class EntryDifference(NamedTuple):
     """How one entry write changed the translation at one position (internal; a
     named tuple because one is built per changed entry, on the hot path)."""
@@ -345,14 +349,14 @@ class View:
         links = False
         for position, _index in found:
             codec = codecs[position.level_index]
-            if codec.link(old_value) is not None or codec.link(new_value) is not None:
+            if not codec.is_last and (codec.link(old_value) is not None
+                                      or codec.link(new_value) is not None):
                 links = True
                 break
         if not links:
             # No table before or after (a leaf, or an entry that stays unused): no
             # subtree to rebuild, the entry's own translation is all that changes.
-            data[offset:offset + self.entry_size] = new_value.to_bytes(self.entry_size,
-                                                                       "little")
+            data[offset:end] = new_value.to_bytes(self.entry_size, "little")
             return old_value, self._leaf_differences(found, old_value, new_value)
         holders = [(p.space, p, i) for p, i in found]
         before = []
@@ -360,7 +364,7 @@ class View:
             if self._same_subtree(position, old_value, new_value):
                 continue
             before.append((space, position, index, self.entry_runs(space, position, index)))
-        data[offset:offset + self.entry_size] = new_value.to_bytes(self.entry_size, "little")
+        data[offset:end] = new_value.to_bytes(self.entry_size, "little")
         released: list[Position] = []
         for space, position, index, _old in before:
             child = position.children.pop(index, None)
@@ -386,9 +390,15 @@ class View:
         for position, index in found:
             level_index = position.level_index
             codec = codecs[level_index]
-            old = _entry_state(codec, position, old_value)
-            new = _entry_state(codec, position, new_value)
-            if old == new:
+            # The translation each value gives as an entry that links no table (`link`
+            # gave None): not present, or a table entry with a reserved bit set -> None.
+            rights = position.rights
+            old = codec.leaf(old_value, rights) if old_value & 1 and (
+                codec.page_level or old_value & codec.large_bit) else None
+            new = codec.leaf(new_value, rights) if new_value & 1 and (
+                codec.page_level or new_value & codec.large_bit) else None
+            # A different frame is a change: compare the rest only when the frames agree.
+            if (old is None or new is None or old.frame == new.frame) and old == new:
                 continue  # same frame and attributes (page size is not identity)
             space = position.space
             start = position.base + (index << shifts[level_index])
@@ -396,8 +406,8 @@ class View:
             intervals = space.intervals
             if len(intervals) == 1 and intervals[0][0] <= start and end <= intervals[0][1]:
                 # Watched whole (one interval covers the entry): no clipping.
-                differences.append(EntryDifference(space, position, index, [(start, end, old)],
-                                                   [(start, end, new)]))
+                differences.append(_new_tuple(EntryDifference, (
+                    space, position, index, [(start, end, old)], [(start, end, new)])))
                 continue
             parts = intersect(intervals, start, end)
             differences.append(EntryDifference(
@@ -413,13 +423,6 @@ class View:
         before = codec.link(old)
         return (before is not None and before == codec.link(new)
                 and codec.rights(position.rights, old) == codec.rights(position.rights, new))
-
-
-def _entry_state(codec: LevelCodec, position: Position, value: int) -> Translation | None:
-    """The translation of an entry that links no table (`codec.link` gave None)."""
-    if not value & 1 or not codec.maps_page(value):
-        return None  # not present, or a table entry with a reserved bit set
-    return codec.leaf(value, position.rights)
 
 
 def _shifted(state: Translation | None, offset: int) -> Translation | None:
