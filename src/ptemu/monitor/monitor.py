@@ -165,6 +165,7 @@ class TranslationMonitor:
         self.memory = memory
         self.protector = protector
         self.timing: Timing = "cpu" if timing == "cpu" else "seed"
+        self._seed = self.timing == "seed"
         self._view = View(self.mode, memory, protector, nxe=nxe, pse=pse,
                           report_accessed_dirty=report_accessed_dirty, max_tables=max_tables,
                           levels_changed=self._level_changed)
@@ -275,13 +276,13 @@ class TranslationMonitor:
             # One entry written (a MOV to one entry): no de-duplication to do.
             written = (writes[0].gpa,) if len(writes) == 1 else tuple(
                 dict.fromkeys(record.gpa for record in writes))
-            seed = self.timing == "seed"
-            states = {entry.gpa: entry.state for entry in result.entries} if seed else {}
+            seed = self._seed
+            states = {entry.gpa: entry.state for entry in result.entries} if seed else None
             # Per written entry, not `handler.pending()` (which sorts every pending entry).
             write_state = self.handler.write_state
             changes: list[_Change] = []
             for entry_gpa in written:
-                if seed and states.get(entry_gpa) is not EntryState.COMPLETE:
+                if states is not None and states.get(entry_gpa) is not EntryState.COMPLETE:
                     continue
                 if (entry_gpa & ~PAGE_OFFSET_MASK) not in view.pages:
                     continue  # an earlier entry of the same event released this page
@@ -312,14 +313,19 @@ class TranslationMonitor:
         if len(old_runs) != 1 or len(new_runs) != 1:
             return None
         (low, high, old_state), (new_low, new_high, new_state) = old_runs[0], new_runs[0]
-        if low != new_low or high != new_high or old_state == new_state or (
-                self._has_hole and low < self._half < high):
+        if low != new_low or high != new_high or (self._has_hole and low < self._half < high):
             return None
+        if not (isinstance(old_state, Translation) and isinstance(new_state, Translation)
+                and old_state.frame != new_state.frame) and old_state == new_state:
+            return None  # (a different frame is a change: no full compare needed)
         level_index = position.level_index
         cause = _entry_write(entry_gpa, self._level_numbers[level_index],
                              self._level_names[level_index], old_value, new_value, partial)
         at_load = self._at_cr3_load[level_index]
-        start, end = self._canonical(low), self._end(high)
+        if high <= self._half or not self._has_hole:
+            start, end = low, high   # `_canonical(low)`, `_end(high)` in the lower half
+        else:
+            start, end = self._canonical(low), self._end(high)
         change = _translation_change(space.root_gpa, start, end, (_run(start, end, old_state),),
                                      (_run(start, end, new_state),), (cause,), partial, at_load)
         for handle in list(self._watches.get(space.root_gpa, ())):
