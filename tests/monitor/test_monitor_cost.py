@@ -177,3 +177,43 @@ def test_level_codec_agrees_with_decode_entry(mode_name, level_index, value, nxe
             assert leaf is not None and leaf.page_size == entry.page_bytes
     elif entry.present:
         assert not codec.maps_page(value)
+
+
+def _what_translates(mode, level, value: int, *, nxe: bool, pse: bool,
+                     report_accessed_dirty: bool) -> tuple[object, ...]:
+    """What the CPU takes from one entry, from the full SDM decode (`decode_entry`):
+    whether it is used, table or page, the address, the rights it grants, and for a
+    page the leaf's key, memory-type bits (and A/D when reported)."""
+    entry = decode_entry(mode, level, value, nxe=nxe, pse=pse)
+    if not translates(entry):
+        return ("unused",)
+    rights = combine_rights(AccessRights(True, True, True), entry)
+    if not entry.maps_page:
+        return ("table", entry.address, rights)
+    return ("page", entry.address, entry.page_bytes, rights, entry.protection_key, entry.pwt,
+            entry.pcd, entry.pat,
+            (entry.accessed, entry.dirty) if report_accessed_dirty else None)
+
+
+@settings(max_examples=600, deadline=None)
+@given(mode_name=st.sampled_from(["legacy", "pae", "4level", "5level"]),
+       level_index=st.integers(0, 4), value=st.integers(0, (1 << 64) - 1),
+       flips=st.integers(0, (1 << 64) - 1), nxe=st.booleans(), pse=st.booleans(),
+       report=st.booleans())
+def test_a_quiet_change_leaves_what_the_entry_translates_unchanged(
+        mode_name, level_index, value, flips, nxe, pse, report):
+    """`LevelCodec.quiet(old, new)` => the full SDM decode of both gives the same
+    translation (the mask may be conservative, never the other way round)."""
+    mode = paging_mode(mode_name)
+    level = mode.levels[level_index % len(mode.levels)]
+    width = (1 << (8 * mode.entry_size)) - 1
+    value &= width
+    codec = LevelCodec(mode, level, nxe=nxe, pse=pse, report_accessed_dirty=report)
+    # A flip inside the insignificant bits, or a not-present entry staying not present.
+    new = value ^ (flips & ~codec.significant & width)
+    also = (value & ~1) ^ (flips & width & ~1)
+    for old, changed in ((value, new), (value & ~1, also)):
+        assert codec.quiet(old, changed)
+        options = {"nxe": nxe, "pse": pse, "report_accessed_dirty": report}
+        assert _what_translates(mode, level, old, **options) == _what_translates(
+            mode, level, changed, **options)

@@ -449,3 +449,178 @@ def test_usage_errors_name_the_problem():
         monitor.translation(0x5000, 0)
     with pytest.raises(UsageError, match="space range"):
         monitor.watch_space(0x1000, ranges="half")
+
+
+# -- writes that change nothing the CPU translates (one mask per level) --------------------
+
+
+def _insignificant(paging: str, level_index: int, **options: bool) -> int:
+    from ptemu.monitor.codec import codecs
+    from ptemu.paging import paging_mode
+    mode = paging_mode(paging)
+    codec = codecs(mode, nxe=options.get("nxe", True), pse=options.get("pse", True),
+                   report_accessed_dirty=options.get("ad", False))[level_index]
+    return ((1 << (8 * mode.entry_size)) - 1) & ~codec.significant
+
+
+def test_insignificant_bits_per_level_by_hand_from_the_sdm_tables():
+    # 4-level PTE (Table 4-20): A 5, D 6, G 8, ignored 11:9 and 58:52 -> 0x07F0...0F60;
+    # bit 7 is PAT, 62:59 the protection key, 63 XD: all significant.
+    assert _insignificant("4level", 3) == 0x07F0_0000_0000_0F60
+    # With A/D reported, the leaf's A and D count.
+    assert _insignificant("4level", 3, ad=True) == 0x07F0_0000_0000_0F00
+    # PDE: a 2 MiB leaf (Table 4-18: same as the PTE's, bit 7 PS) or a table entry
+    # (Table 4-19: A, ignored 6, 11:8, 62:52): what is free in both.
+    assert _insignificant("4level", 2) == 0x07F0_0000_0000_0F60
+    assert _insignificant("4level", 2, ad=True) == 0x07F0_0000_0000_0F00
+    # PML4E (Table 4-15, tables only): A, ignored 6, 11:8, 62:52; a table entry's A is
+    # never the leaf's, so reporting A/D changes nothing here.
+    assert _insignificant("4level", 0) == 0x7FF0_0000_0000_0F60
+    assert _insignificant("4level", 0, ad=True) == 0x7FF0_0000_0000_0F60
+    # PAE PDPTE (Table 4-8): 2:1 and 8:5 reserved, only 11:9 ignored.
+    assert _insignificant("pae", 0) == 0xE00
+    # PAE PTE (Table 4-11): 62:52 reserved with MAXPHYADDR 52, no high ignored bits.
+    assert _insignificant("pae", 2) == 0xF60
+    # 32-bit PDE with CR4.PSE=0 (Table 4-5): bit 7 is ignored, so free as well.
+    assert _insignificant("legacy", 0, pse=False) == 0xFE0
+    assert _insignificant("legacy", 0, pse=True) == 0xF60
+    # IA32_EFER.NXE=0: bit 63 is reserved, never free (it was not free anyway).
+    assert _insignificant("4level", 3, nxe=False) == 0x07F0_0000_0000_0F60
+
+
+@pytest.mark.parametrize(("bits", "how"), [
+    (A | D, "or"), (1 << 8, "bts"), (0xE00, "or"), (1 << 52, "bts"), (1 << 58, "bts")])
+def test_a_leaf_write_of_insignificant_bits_reports_nothing(bits, how):
+    guest = four_level()
+    guest.monitor.watch(0x1000, 0, KiB4)
+    [result] = guest.write(0x4000, 0x10_0000 | TABLE | bits, how)
+    assert result.changes == () and result.protected == () and result.unprotected == ()
+    assert guest.monitor.translation(0x1000, 0) == t(0x10_0000)
+    # The view took the new value: the next change's cause starts from it.
+    [moved] = guest.write(0x4000, 0x20_0000 | TABLE | bits)
+    [change] = moved.changes
+    assert change.cause[0].old == 0x10_0000 | TABLE | bits
+    assert change.new_at(0) == t(0x20_0000)
+
+
+def test_a_change_of_significant_leaf_bits_is_reported():
+    guest = four_level()
+    guest.monitor.watch(0x1000, 0, KiB4)
+    [pat] = guest.write(0x4000, 0x10_0000 | TABLE | PS, "bts")         # bit 7 = PAT in a PTE
+    assert [c.new_at(0) for c in pat.changes] == [t(0x10_0000, pat=True)]
+    [key] = guest.write(0x4000, 0x10_0000 | TABLE | PS | (5 << 59), "or")   # protection key
+    assert [c.new_at(0) for c in key.changes] == [t(0x10_0000, pat=True, pk=5)]
+
+
+def test_a_not_present_entry_that_stays_not_present_reports_nothing():
+    guest = four_level()
+    guest.put(0x4000 + 8, 0x30_0000 | RW)                  # PT[1]: P=0
+    guest.monitor.watch(0x1000, 0x1000, KiB4)
+    [result] = guest.write(0x4000 + 8, 0x7_7777_7000 | RW | US | (1 << 7))
+    assert result.changes == ()
+    assert guest.monitor.translation(0x1000, 0x1000) is None
+
+
+def test_with_accessed_dirty_reported_the_leafs_a_counts_but_a_tables_a_does_not():
+    guest = four_level(report_accessed_dirty=True)
+    guest.monitor.watch(0x1000, 0, KiB4)
+    [leaf] = guest.write(0x4000, 0x10_0000 | TABLE | A, "bts")
+    [change] = leaf.changes
+    assert change.new_at(0).accessed is True and change.old_at(0).accessed is False
+    [table] = guest.write(0x3000, 0x4000 | TABLE | A, "bts")          # PDE -> PT, its A
+    assert table.changes == ()
+
+
+def test_a_reserved_bit_makes_the_entry_stop_translating_and_that_is_a_change():
+    guest = four_level()
+    guest.monitor.watch(0x1000, 0, KiB4)
+    [result] = guest.write(0x1000, 0x2000 | TABLE | PS, "bts")        # bit 7: reserved in a PML4E
+    [change] = result.changes
+    assert (change.start, change.end) == (0, KiB4)
+    assert change.old_at(0) == t(0x10_0000) and change.new_at(0) is None
+    assert sorted(result.unprotected) == [0x2000, 0x3000, 0x4000]
+    no_nx = four_level(nxe=False)
+    no_nx.monitor.watch(0x1000, 0, KiB4)
+    [result] = no_nx.write(0x4000, 0x10_0000 | TABLE | NX, "bts")     # XD reserved, NXE=0
+    assert [c.new_at(0) for c in result.changes] == [None]
+
+
+def test_memory_type_bits_of_a_table_entry_change_no_translation():
+    guest = four_level()
+    guest.monitor.watch(0x1000, 0, KiB4)
+    [result] = guest.write(0x3000, 0x4000 | TABLE | 0x18, "or")       # PDE -> PT: PWT|PCD
+    assert result.changes == () and result.protected == () and result.unprotected == ()
+
+
+# -- the leaf-write path's callbacks and records -----------------------------------------
+
+
+def test_a_large_leaf_write_gives_a_partial_watch_its_clipped_part():
+    guest = four_level()
+    guest.put(0x3000, 0x4000_0000 | PS | TABLE)                        # PD[0]: 2 MiB page
+    got = []
+    guest.monitor.watch(0x1000, 0x3000, 0x2000, got.append)
+    guest.monitor.watch(0x1000, 0, MiB2)
+    [result] = guest.write(0x3000, 0x8000_0000 | PS | TABLE)
+    [whole] = result.changes
+    assert (whole.start, whole.end) == (0, MiB2)
+    assert [(c.start, c.end, c.old_at(0x3000), c.new_at(0x3000)) for c in got] == [
+        (0x3000, 0x5000, t(0x4000_3000, MiB2), t(0x8000_3000, MiB2))]
+
+
+def test_a_callback_that_unwatches_during_a_leaf_write_reports_the_pages_it_released():
+    guest = four_level()
+    handles = []
+
+    def stop(change: object) -> None:
+        guest.monitor.unwatch(handles[0])
+
+    handles.append(guest.monitor.watch(0x1000, 0, KiB4, stop))
+    [result] = guest.write(0x4000, 0x20_0000 | TABLE)
+    assert len(result.changes) == 1
+    assert sorted(result.unprotected) == [0x1000, 0x2000, 0x3000, 0x4000]
+    assert guest.protector.protected == set()
+
+
+def test_the_cheap_record_builders_equal_the_constructors():
+    from ptemu.monitor import EntryWrite, MonitorResult, Run, TranslationChange
+    from ptemu.monitor import monitor as module
+    run = Run(1, 2, t(0x3000))
+    assert module._run(1, 2, t(0x3000)) == run
+    cause = EntryWrite(8, 1, "PTE", 3, 4, True)
+    assert module._entry_write(8, 1, "PTE", 3, 4, True) == cause
+    change = TranslationChange(5, 6, 7, (run,), (), (cause,), True, False)
+    assert module._translation_change(5, 6, 7, (run,), (), (cause,), True, False) == change
+    assert module._result(MonitorStatus.HANDLED, None, (change,), (9,), (10,)) == \
+        MonitorResult(MonitorStatus.HANDLED, None, (change,), (9,), (10,))
+
+
+def test_handler_set_table_level_is_checked_and_drives_bit_7():
+    from ptemu.handler import PtWriteHandler
+    handler = PtWriteHandler(InMemoryGuestMemory(), "4level")
+    with pytest.raises(UsageError, match="page-aligned"):
+        handler.set_table_level(0x1008, 1)
+    with pytest.raises(UsageError, match="level 5"):
+        handler.set_table_level(0x1000, 5)                # 4-level: levels 1 to 4
+    memory = handler.memory
+    memory.write(0x1000, (MiB2 | P | RW).to_bytes(8, "little"))   # 2 MiB aligned: no remap
+
+    def set_bit_7() -> set[str]:
+        gla = 0xFFFF_8880_0000_1000
+        vcpu = Vcpu()
+        vcpu.begin_exit()
+        value = int.from_bytes(memory.read(0x1000, 8), "little") ^ PS
+        result = handler.handle_ept_write(vcpu, WriteEvent(
+            0x1000, gla, {"rip": 0x40_1000, "rdi": gla, "rax": value}, b"\x48\x89\x07", 64))
+        change = result.entries[0].change
+        assert change is not None
+        return {str(kind) for kind in change.kinds}
+
+    handler.set_table_level(0x1000, 2)
+    assert handler.table_levels == {0x1000: 2}
+    assert set_bit_7() == {"large"}                        # a PDE: bit 7 is PS
+    handler.set_table_level(0x1000, 1)
+    assert set_bit_7() == {"cache"}                        # a PTE: bit 7 is PAT
+    handler.set_table_level(0x1000, None)
+    handler.set_table_level(0x2000, None)                 # forgetting an unknown page is fine
+    assert handler.table_levels == {}
