@@ -217,3 +217,17 @@ def test_a_quiet_change_leaves_what_the_entry_translates_unchanged(
         options = {"nxe": nxe, "pse": pse, "report_accessed_dirty": report}
         assert _what_translates(mode, level, old, **options) == _what_translates(
             mode, level, changed, **options)
+
+
+def test_a_quiet_leaf_write_builds_no_translation(counted):
+    def quiet_writes(space: bench.Space, monitor: TranslationMonitor) -> None:
+        pte = space.pts[0] + 8 * 5
+        value = int.from_bytes(space.memory.read(pte, 8), "little")
+        for bits in (1 << 9, 1 << 5 | 1 << 6, 1 << 8, 1 << 52):    # software, A|D, G, 52
+            result = _write(monitor, pte, value | bits)
+            assert result.changes == () and result.protected == () == result.unprotected
+        result = _write(monitor, pte, 0x7_7777_7000 | 0x7)          # and then a real one
+        assert [c.cause[0].old for c in result.changes] == [value | 1 << 52]
+
+    _bytes, leaves, links = _work(LARGE, counted, quiet_writes)
+    assert leaves == 2 and links == 0     # only the last write built translations
