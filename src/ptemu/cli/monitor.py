@@ -158,7 +158,12 @@ class _Output:
     def summary(self, totals: dict[str, int], protected: int) -> None:
         self._emit({"type": "summary", **totals, "protected_pages": protected},
                    f"{totals['events']} events ({totals['unprotected_events']} on unprotected "
-                   f"pages), {totals['changes']} changes, {protected} pages protected at the end")
+                   f"pages), {_count(totals['changes'], 'change')}, "
+                   f"{_count(protected, 'page')} protected at the end")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _describe(run: Run) -> str:

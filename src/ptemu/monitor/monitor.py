@@ -168,7 +168,8 @@ class TranslationMonitor:
         self._seed = self.timing == "seed"
         self._view = View(self.mode, memory, protector, nxe=nxe, pse=pse,
                           report_accessed_dirty=report_accessed_dirty, max_tables=max_tables,
-                          levels_changed=self._level_changed)
+                          levels_changed=self._level_changed,
+                          page_released=self._page_released)
         self._watches: dict[int, list[WatchHandle]] = {}
         self._numbers = itertools.count(1)
         self._width = self.mode.linear_address_bits
@@ -470,6 +471,11 @@ class TranslationMonitor:
     def _level_changed(self, page: int, level: int | None) -> None:
         # The handler reads the level when it classifies a completed entry.
         self.handler.set_table_level(page, level)
+
+    def _page_released(self, page: int) -> None:
+        # Writes to the page no longer reach the handler: its write state there
+        # would be stale when the page is a table again (a freed table reused).
+        self.handler.forget_page(page)
 
     # -- addresses ----------------------------------------------------------------
 

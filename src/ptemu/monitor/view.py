@@ -105,6 +105,8 @@ class EntryDifference(NamedTuple):
 LevelsChanged = Callable[[int, int | None], None]
 """Told ``(page gpa, level number or None)`` when the level a page is read at changes
 (None: no longer a table, or read at several levels)."""
+PageReleased = Callable[[int], None]
+"""Called with a page's GPA once it is unprotected (its writes no longer exit)."""
 
 
 class View:
@@ -113,7 +115,8 @@ class View:
     def __init__(self, mode: PagingMode, memory: GuestMemory, protector: PageProtector, *,
                  nxe: bool = True, pse: bool = True, report_accessed_dirty: bool = False,
                  max_tables: int = DEFAULT_MAX_TABLES,
-                 levels_changed: LevelsChanged | None = None) -> None:
+                 levels_changed: LevelsChanged | None = None,
+                 page_released: PageReleased | None = None) -> None:
         self.mode = mode
         self.memory = memory
         self.protector = protector
@@ -122,6 +125,7 @@ class View:
         self.report_accessed_dirty = report_accessed_dirty
         self.max_tables = max_tables
         self.levels_changed = levels_changed
+        self.page_released = page_released
         self.entry_size = mode.entry_size
         self.codecs: tuple[LevelCodec, ...] = codecs(
             mode, nxe=nxe, pse=pse, report_accessed_dirty=report_accessed_dirty)
@@ -166,6 +170,8 @@ class View:
             del self.cache[page]
             self.protector.unprotect(page)
             self.events.append(("unprotect", page))
+            if self.page_released is not None:
+                self.page_released(page)
         self._levels_of(page, holders)
 
     def _levels_of(self, page: int, holders: list[Position]) -> None:
