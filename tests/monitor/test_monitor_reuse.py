@@ -11,7 +11,7 @@ memory held when the page became watched again, not the one before the free.
 
 from __future__ import annotations
 
-from monitor_guest import A, D, P, RW, US, Guest
+from monitor_guest import RW, US, A, D, Guest, P
 
 from ptemu.status import EntryState
 
