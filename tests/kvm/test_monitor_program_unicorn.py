@@ -21,7 +21,8 @@ What the generator's model promises is checked against oracles of the test's own
   `MonitorScenario.exit_gpas`, and their number per cycle the hand count of
   `tests/kvm/test_kvm_monitor.py`;
 * every other writing instruction (a REP STOS counted once) is a write the
-  model calls silent (see `_silent_stores_expected` for the PAE loop's halves);
+  model calls silent (`MonitorScenario.silent_writes`; PAE's 32-bit store loop
+  writes each entry as two dword stores, each counted);
 * each store's GPA as Unicorn reports it is the translation, through the
   guest's own tables (`ptemu.paging.walk`), of the linear address in RDI/EDI.
 """
@@ -65,9 +66,6 @@ P, PS = 1 << 0, 1 << 7
 # clear the entry written while unlinked (4); link and unlink a PDPT (4-level
 # only: 2); the shared kernel PT and a window PT (2).
 EXITS_PER_CYCLE = {"4level": 21, "pae": 19}
-# Entries one cycle's two store loops write: the new PT's first 4 and the split
-# table's 512 (`_cycle`: series(..., 4, ...) and series(..., 512, ...)).
-SERIES_ENTRIES_PER_CYCLE = 4 + 512
 
 MODES = [("4level", 64), ("pae", 32)]
 CYCLES = 5
@@ -260,18 +258,6 @@ class _Run:
         return bytes(self.uc.mem_read(gpa, PAGE))
 
 
-def _silent_stores_expected(paging: str, scenario: MonitorScenario) -> int:
-    """Writing instructions that must not exit, from the model's `silent_writes`.
-
-    The model counts one silent write per REP STOS and one per entry a store loop
-    writes. In 64-bit code a loop entry is one 8-byte store; in PAE's 32-bit code
-    it is two dword stores (low, then high half), which the model counts once: so
-    PAE has one more instruction per loop entry than `silent_writes` says.
-    """
-    extra = SERIES_ENTRIES_PER_CYCLE * scenario.cycles if paging == "pae" else 0
-    return scenario.silent_writes + extra
-
-
 def _first_difference(got: list[int], want: tuple[int, ...]) -> str:
     for index, (a, b) in enumerate(zip(got, want, strict=False)):
         if a != b:
@@ -344,7 +330,7 @@ def test_every_other_writing_instruction_is_a_silent_write_of_the_model(ran):
     paging, scenario, run = ran
     instructions = run.instructions()
     silent = [ins for ins in instructions if not ins.linked]
-    assert len(silent) == _silent_stores_expected(paging, scenario)
+    assert len(silent) == scenario.silent_writes
     # Each cycle fills the new PT and the split table, then both again as data:
     # four REP STOS of a whole page (1024 dwords or 512 qwords).
     unit = 4 if paging == "pae" else 8

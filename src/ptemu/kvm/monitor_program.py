@@ -265,7 +265,8 @@ class _Emitter:
         a.jnz(label)
         for index in range(count):
             model.write(gpa + index * size, first + index * step, size)
-        self.silent += count
+        stores_per_entry = 2 if self.bits == 32 and size == 8 else 1
+        self.silent += count * stores_per_entry
 
 
 class _Pool:
