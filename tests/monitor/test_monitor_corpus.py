@@ -110,12 +110,16 @@ CHANGES_PAE: list[ChangeRow] = [
 PROTECTIONS_PAE = {
     None: ([0x1000, 0x2000, 0x3000], []),
     0: ([0x4000], []), 2: ([0x5000], []), 6: ([], [0x3000]),
-    7: ([0x6000], [0x2000, 0x4000, 0x5000]),
+    # 7: the CPU walks PD 0x2000 (and PTs 0x4000, 0x5000 under it) through the
+    # PDPTE it loaded until the next CR3 load: they stay protected until then.
+    7: ([0x6000], []),
 }
+RELEASED_AT_CR3_LOAD_PAE = [0x2000, 0x4000, 0x5000]
 
 CASES = {
     "4level": (CHANGES_4LEVEL, PROTECTIONS_4LEVEL, 8, 0x4000, {0x1000, 0x7000}),
-    "pae": (CHANGES_PAE, PROTECTIONS_PAE, 7, 0x3000, {0x1000, 0x6000}),
+    "pae": (CHANGES_PAE, PROTECTIONS_PAE, 7, 0x3000,
+            {0x1000, 0x6000, *RELEASED_AT_CR3_LOAD_PAE}),
 }
 """paging -> (changes, protections per event, event carrying the write into the
 freed table, that table, pages protected at the end)."""
@@ -154,13 +158,13 @@ def _replay(paging: str):
             gpa=event.gpa, gla=event.gla, regs=dict(event.regs), code=event.code,
             code_bits=fixture.code_bits))
         steps.append((event, result, patched, protected_before))
-    return fixture, memory, protector, at_watch, steps
+    return fixture, memory, protector, at_watch, steps, monitor
 
 
 @pytest.mark.parametrize("paging", sorted(CASES))
 def test_the_monitor_reports_the_hand_worked_changes(paging: str) -> None:
     changes, _, _, _, _ = CASES[paging]
-    _, _, _, _, steps = _replay(paging)
+    _, _, _, _, steps, _ = _replay(paging)
     assert all(result.status is MonitorStatus.HANDLED for _, result, _, _ in steps)
     got = [(event.index, change.start, change.end, tuple(map(_row, change.old)),
             tuple(map(_row, change.new)))
@@ -172,7 +176,7 @@ def test_the_monitor_reports_the_hand_worked_changes(paging: str) -> None:
 def test_the_monitor_protects_the_tables_the_guest_links_and_releases_the_rest(
         paging: str) -> None:
     _, protections, _, _, final = CASES[paging]
-    _, _, protector, at_watch, steps = _replay(paging)
+    _, _, protector, at_watch, steps, _ = _replay(paging)
     assert (at_watch, []) == protections[None]
     for event, result, _, _ in steps:
         expected = protections.get(event.index, ([], []))
@@ -180,10 +184,19 @@ def test_the_monitor_protects_the_tables_the_guest_links_and_releases_the_rest(
     assert protector.protected == final
 
 
+def test_a_cr3_load_after_the_pae_pdpte_write_releases_the_old_directory() -> None:
+    _, _, protector, _, _, monitor = _replay("pae")
+    result = monitor.cr3_loaded(0x1000)
+    assert sorted(result.unprotected) == RELEASED_AT_CR3_LOAD_PAE
+    assert result.changes == () and result.protected == ()
+    assert protector.protected == {0x1000, 0x6000}
+    assert monitor.cr3_loaded(0x1000).unprotected == ()   # nothing left to release
+
+
 @pytest.mark.parametrize("paging", sorted(CASES))
 def test_the_write_into_the_freed_table_is_no_event_and_lands_unprotected(paging: str) -> None:
     _, _, freed_event, freed_table, _ = CASES[paging]
-    fixture, memory, _, _, steps = _replay(paging)
+    fixture, memory, _, _, steps, _ = _replay(paging)
     # The generator's write is the only memory patch besides the split table's fill,
     # and no event's page is the freed table after it was unlinked.
     _, _, patched, protected_before = steps[freed_event]
@@ -197,7 +210,7 @@ def test_every_event_carries_the_hierarchy_root_as_cr3(paging: str) -> None:
     fixture = load_fixture(FIXTURES / paging / "monitor-own-hierarchy.json")
     assert {event.regs["cr3"] for event in fixture.events} == {0x1000}
     # The PAE PDPTE write is reported as taking effect at the next CR3 load.
-    _, _, _, _, steps = _replay(paging)
+    _, _, _, _, steps, _ = _replay(paging)
     flagged = [(event.index, change.at_cr3_load) for event, result, _, _ in steps
                for change in result.changes if change.at_cr3_load]
     assert flagged == ([(7, True)] if paging == "pae" else [])

@@ -17,6 +17,14 @@ plain memory with no event. After every step:
 - the reported changes, applied to the previous view, give the new one, and
   every reported change differs at its probes and at its start.
 
+PAE PDPTEs: the test keeps the four PDPTEs of each space as the CPU last loaded
+them (at the watch, and at each `cr3_loaded` it draws), and walks every probe
+a second time through those (`LoadedPdptes`): what the CPU uses until its next
+CR3 load. The protected pages are then the pages both walks read; changes marked
+``until_cr3_load``, and every other change where the loaded PDPTE leads where
+memory's does, applied to the loaded translations, give that second walk. In
+the other modes the loaded walk is the memory walk, and `cr3_loaded` is a no-op.
+
 Every table entry the test ever writes is at an index in the mode's `INDICES`
 (plus `EXTRA`), and probes cover every combination of those indices, so the
 walks reach every table any watched range reaches. With ``timing="seed"`` the
@@ -76,6 +84,10 @@ class World:
             self.cr3s = (POOL[0], POOL[1])
         self.shadow: dict[tuple[int, int], TranslationState] = {}
         self.probes = {cr3: [] for cr3 in self.cr3s}
+        self.loaded: dict[int, bytes] = {}
+        """cr3 -> its PDPT (PAE: 32 bytes) as the CPU loaded it."""
+        self.loaded_shadow: dict[tuple[int, int], TranslationState] = {}
+        """The test's copy of the translations through the loaded PDPTEs."""
 
     # -- structure -----------------------------------------------------------------
 
@@ -114,13 +126,32 @@ class World:
         for cr3 in self.cr3s:
             for probe in self.probes[cr3]:
                 self.shadow[(cr3, probe)] = monitor.translation(cr3, probe)
+            self.load(cr3)
+
+    def load(self, cr3: int) -> None:
+        """The CPU loads CR3: from now on it uses the PDPTEs memory holds."""
+        if self.mode.name == "pae":
+            self.loaded[cr3] = self.guest.memory.read(cr3, 32)
+        for probe in self.probes[cr3]:
+            self.loaded_shadow[(cr3, probe)] = self.shadow[(cr3, probe)]
+
+    def cr3_load(self, cr3: int) -> None:
+        result = self.guest.monitor.cr3_loaded(cr3)
+        assert result.changes == () and result.protected == ()
+        self.load(cr3)
 
     # -- the oracle ----------------------------------------------------------------
 
-    def walked(self, cr3: int, gla: int) -> tuple[TranslationState, list[int]]:
+    def memory_as_loaded(self, cr3: int) -> LoadedPdptes | None:
+        return LoadedPdptes(self.guest.memory, cr3, self.loaded[cr3]) if self.loaded else None
+
+    def walked(self, cr3: int, gla: int, loaded: bool = False,
+               ) -> tuple[TranslationState, list[int]]:
         """What the CPU translates `gla` to, and the table pages the walk read (up to
-        a page read twice, which the monitor does not follow)."""
-        result = walk(self.mode, cr3, gla, self.guest.memory)
+        a page read twice, which the monitor does not follow); with `loaded`, through
+        the PDPTEs the CPU loaded rather than memory's."""
+        memory = (self.memory_as_loaded(cr3) if loaded else None) or self.guest.memory
+        result = walk(self.mode, cr3, gla, memory)
         pages: list[int] = []
         for step in result.steps:
             page = page_base(step.table_gpa)
@@ -136,6 +167,15 @@ class World:
             writable=result.permissions.writable, user=result.permissions.user,
             executable=result.permissions.executable, protection_key=leaf.protection_key,
             pwt=leaf.pwt, pcd=leaf.pcd, pat=bool(leaf.pat)), pages
+
+    def leads_as_loaded(self, cr3: int, gla: int) -> bool:
+        """Whether the loaded PDPTE of `gla` leads to the table memory's leads to."""
+        loaded = self.memory_as_loaded(cr3)
+        if loaded is None:
+            return True
+        tables = [walk(self.mode, cr3, gla, memory).steps[1:2]
+                  for memory in (loaded, self.guest.memory)]
+        return [s.table_gpa for s in tables[0]] == [s.table_gpa for s in tables[1]]
 
     def reached(self) -> list[tuple[int, int]]:
         """(table GPA, level number) of every table the probe walks read."""
@@ -159,12 +199,23 @@ class World:
                 assert change.old_at(change.start) != change.new_at(change.start)
                 assert change.at_cr3_load == all(c.level_name == "PDPTE" and
                                                   self.mode.name == "pae" for c in change.cause)
+                assert not (change.at_cr3_load and change.until_cr3_load)
                 for probe in self.probes.get(change.cr3, ()):
                     if change.start <= probe < change.end:
                         old, new = change.old_at(probe), change.new_at(probe)
-                        assert old == self.shadow[(change.cr3, probe)], hex(probe)
+                        key = (change.cr3, probe)
                         assert old != new, hex(probe)
-                        self.shadow[(change.cr3, probe)] = new
+                        if change.until_cr3_load:
+                            # In tables the CPU reaches only through a loaded PDPTE.
+                            assert not self.leads_as_loaded(change.cr3, probe), hex(probe)
+                            assert old == self.loaded_shadow[key], hex(probe)
+                            self.loaded_shadow[key] = new
+                            continue
+                        assert old == self.shadow[key], hex(probe)
+                        self.shadow[key] = new
+                        if not change.at_cr3_load and self.leads_as_loaded(change.cr3, probe):
+                            assert self.loaded_shadow[key] == old, hex(probe)
+                            self.loaded_shadow[key] = new
 
     def check(self) -> None:
         monitor = self.guest.monitor
@@ -177,6 +228,9 @@ class World:
                 pages.update(read)
                 assert monitor.translation(cr3, probe) == expected, (hex(cr3), hex(probe))
                 assert self.shadow[(cr3, probe)] == expected, (hex(cr3), hex(probe))
+                as_loaded, read = self.walked(cr3, probe, loaded=True)
+                pages.update(read)
+                assert self.loaded_shadow[(cr3, probe)] == as_loaded, (hex(cr3), hex(probe))
         protected = self.guest.protector.protected
         assert protected == pages, (sorted(map(hex, protected - pages)),
                                     sorted(map(hex, pages - protected)))
@@ -184,6 +238,20 @@ class World:
 
 
 # -- operations ------------------------------------------------------------------------------
+
+
+class LoadedPdptes:
+    """Guest memory as the CPU reads it for one space: its PDPT as loaded."""
+
+    def __init__(self, memory, cr3: int, pdpt: bytes) -> None:
+        self.memory, self.cr3, self.pdpt = memory, cr3, pdpt
+
+    def read(self, gpa: int, size: int) -> bytes:
+        data = bytearray(self.memory.read(gpa, size))
+        low, high = max(gpa, self.cr3), min(gpa + size, self.cr3 + len(self.pdpt))
+        if low < high:
+            data[low - gpa:high - gpa] = self.pdpt[low - self.cr3:high - self.cr3]
+        return bytes(data)
 
 
 def _rights(draw: st.DrawFn, world: World, level_number: int, leaf: bool) -> int:
@@ -315,6 +383,11 @@ def run(data: st.DataObject, paging: str, timing: str, steps: int) -> None:
     for _ in range(steps):
         operation(data.draw, world)
         world.check()
+        if not world.guest.monitor.handler.pending():
+            for cr3 in world.cr3s:
+                if data.draw(st.booleans()):
+                    world.cr3_load(cr3)
+            world.check()
 
 
 @pytest.mark.parametrize("paging", ["4level", "pae", "legacy", "5level"])

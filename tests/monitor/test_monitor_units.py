@@ -362,6 +362,101 @@ def test_pae_pdpte_write_is_reported_as_taking_effect_at_cr3_load():
     assert guest.monitor.table_levels[0x1000] == 3
 
 
+def pae_with_two_directories(**options: object) -> Guest:
+    """PAE: PDPT 0x1000, PDPTE 0 -> PD 0x2000 -> PT 0x3000 (linear 0 -> 0x100000);
+    PD 0x4000 (entry 0 a 2 MiB page at 0x400000) is not linked yet."""
+    guest = Guest("pae", **options)
+    guest.put(0x1000, 0x2000 | P)
+    guest.put(0x2000, 0x3000 | TABLE)
+    guest.put(0x3000, 0x10_0000 | TABLE)
+    guest.put(0x4000, 0x40_0000 | PS | TABLE)
+    guest.monitor.watch_space(0x1000)
+    assert guest.protector.protected == {0x1000, 0x2000, 0x3000}
+    return guest
+
+
+def test_pae_tables_under_the_loaded_pdpte_stay_protected_until_cr3_load():
+    guest = pae_with_two_directories()
+    [result] = guest.write(0x1000, 0x4000 | P, "cmpxchg8b")
+    [change] = result.changes
+    assert change.at_cr3_load and not change.until_cr3_load
+    assert change.old_at(0) == t(0x10_0000, pk=None) and change.new_at(0) == t(
+        0x40_0000, MiB2, pk=None)
+    # The CPU still walks PD 0x2000 and PT 0x3000 through the PDPTE it loaded.
+    assert result.protected == (0x4000,) and result.unprotected == ()
+    assert guest.protector.protected == {0x1000, 0x2000, 0x3000, 0x4000}
+    assert guest.monitor.translation(0x1000, 0) == t(0x40_0000, MiB2, pk=None)  # memory
+    # A write there exits, and is reported as holding until the next CR3 load.
+    [result] = guest.write(0x3000, 0x20_0000 | TABLE, "cmpxchg8b")
+    [change] = result.changes
+    assert change.until_cr3_load and not change.at_cr3_load
+    assert (change.start, change.end) == (0, KiB4)
+    assert change.old_at(0) == t(0x10_0000, pk=None)
+    assert change.new_at(0) == t(0x20_0000, pk=None)
+    assert guest.monitor.translation(0x1000, 0) == t(0x40_0000, MiB2, pk=None)  # unchanged
+    # The CR3 load: the CPU uses memory's PDPTEs; no translation changes.
+    result = guest.monitor.cr3_loaded(0x1000 | 0x18)      # CR3's low bits are ignored
+    assert result.changes == () and sorted(result.unprotected) == [0x2000, 0x3000]
+    assert guest.protector.protected == {0x1000, 0x4000}
+    assert guest.write(0x3000, 0, "cmpxchg8b") == []      # no longer exits
+    assert guest.monitor.cr3_loaded(0x1000).unprotected == ()
+
+
+def test_pae_pdpte_written_back_to_what_the_cpu_loaded_releases_nothing_twice():
+    guest = pae_with_two_directories()
+    guest.write(0x1000, 0x4000 | P, "cmpxchg8b")
+    # Back to PD 0x2000: the view and the loaded PDPTE agree again; PD 0x4000 was
+    # never loaded, so it goes at once.
+    [result] = guest.write(0x1000, 0x2000 | P, "cmpxchg8b")
+    assert result.unprotected == (0x4000,)
+    assert guest.protector.protected == {0x1000, 0x2000, 0x3000}
+    [result] = guest.write(0x3000, 0x20_0000 | TABLE, "cmpxchg8b")
+    [change] = result.changes
+    assert not change.until_cr3_load                       # one report, the view's
+    assert guest.monitor.cr3_loaded(0x1000).unprotected == ()
+
+
+def test_pae_only_the_loaded_directory_is_retained_not_one_linked_in_between():
+    guest = pae_with_two_directories()
+    guest.put(0x5000, 0)                                   # a third, empty PD
+    guest.write(0x1000, 0x4000 | P, "cmpxchg8b")
+    [result] = guest.write(0x1000, 0x5000 | P, "cmpxchg8b")
+    assert result.protected == (0x5000,) and result.unprotected == (0x4000,)
+    assert guest.protector.protected == {0x1000, 0x2000, 0x3000, 0x5000}
+
+
+def test_pae_retention_off_unprotects_at_the_pdpte_write():
+    guest = pae_with_two_directories(retain_loaded_pdptes=False)
+    [result] = guest.write(0x1000, 0x4000 | P, "cmpxchg8b")
+    assert sorted(result.unprotected) == [0x2000, 0x3000]
+    assert guest.write(0x3000, 0, "cmpxchg8b") == []
+
+
+def test_pae_retained_tables_follow_watch_changes_and_go_with_the_last_watch():
+    guest = pae_with_two_directories()
+    monitor = guest.monitor
+    [first] = monitor.watched()[0x1000]
+    guest.write(0x1000, 0x4000 | P, "cmpxchg8b")
+    second = monitor.watch(0x1000, 0, KiB4)                # rebuilds the space
+    assert guest.protector.protected == {0x1000, 0x2000, 0x3000, 0x4000}
+    monitor.unwatch(first)                                 # only linear page 0 now
+    assert guest.protector.protected == {0x1000, 0x2000, 0x3000, 0x4000}
+    [result] = guest.write(0x3000, 0x20_0000 | TABLE, "cmpxchg8b")
+    assert [c.until_cr3_load for c in result.changes] == [True]
+    monitor.unwatch(second)
+    assert guest.protector.protected == set()
+
+
+def test_cr3_loaded_outside_pae_or_for_an_unwatched_space_does_nothing():
+    guest = four_level()
+    guest.monitor.watch_space(0x1000)
+    before = set(guest.protector.protected)
+    result = guest.monitor.cr3_loaded(0x1000)
+    assert result.changes == () and result.unprotected == () and result.protected == ()
+    assert guest.monitor.cr3_loaded(0x9000).unprotected == ()
+    assert guest.protector.protected == before
+
+
 def test_pae_pdpte_with_rw_set_is_reserved_and_translates_nothing():
     guest = Guest("pae")
     guest.put(0x1000, 0x2000 | P | RW)                # RW is reserved in a PDPTE
@@ -589,8 +684,9 @@ def test_the_cheap_record_builders_equal_the_constructors():
     assert module._run(1, 2, t(0x3000)) == run
     cause = EntryWrite(8, 1, "PTE", 3, 4, True)
     assert module._entry_write(8, 1, "PTE", 3, 4, True) == cause
-    change = TranslationChange(5, 6, 7, (run,), (), (cause,), True, False)
-    assert module._translation_change(5, 6, 7, (run,), (), (cause,), True, False) == change
+    change = TranslationChange(5, 6, 7, (run,), (), (cause,), True, False, True)
+    assert module._translation_change(5, 6, 7, (run,), (), (cause,), True, False,
+                                      True) == change
     assert module._result(MonitorStatus.HANDLED, None, (change,), (9,), (10,)) == \
         MonitorResult(MonitorStatus.HANDLED, None, (change,), (9,), (10,))
 

@@ -192,7 +192,8 @@ def _side(runs: tuple[Run, ...]) -> str:
 
 def _change_line(change: TranslationChange) -> str:
     flags = "".join((" partial" if change.partial else "",
-                     " at-cr3-load" if change.at_cr3_load else ""))
+                     " at-cr3-load" if change.at_cr3_load else "",
+                     " until-cr3-load" if change.until_cr3_load else ""))
     causes = ", ".join(f"{c.level_name} {hex_int(c.gpa)}" for c in change.cause)
     return (f"  change {hex_int(change.start)}-{hex_int(change.end)}: {_side(change.old)}"
             f" -> {_side(change.new)}  [{causes}]{flags}")
@@ -222,6 +223,7 @@ def _change_object(event: int, change: TranslationChange) -> JsonObject:
         "cause": [{"gpa": hex_int(c.gpa), "level": c.level_name, "old": hex_int(c.old),
                    "new": hex_int(c.new), "partial": c.partial} for c in change.cause],
         "partial": change.partial, "at_cr3_load": change.at_cr3_load,
+        "until_cr3_load": change.until_cr3_load,
     }
 
 

@@ -152,6 +152,10 @@ class MonitoredGuestRun(GuestRun):
                 self.shadow[(root, gla)] = walked_translation(mode, root, gla,
                                                               machine.memory)[0]
         self._last: MonitorResult | None = None
+        self._never_loaded = tuple(dict.fromkeys(
+            mode.root_table_gpa(spec.cr3) for spec in scenario.watches
+            if mode.root_table_gpa(spec.cr3) != mode.root_table_gpa(machine.cr3)))
+        """Watched roots that the vCPU never loads into CR3 (the program's processes)."""
         self._setup_protection_seconds = self.protector.seconds
         self._check()
 
@@ -180,6 +184,10 @@ class MonitoredGuestRun(GuestRun):
         outcome, self._last = self._last, None
         if outcome is not None:
             self._account(outcome)
+        for root in self._never_loaded:
+            # No vCPU has these roots in CR3, so none holds their PAE PDPTEs: tell
+            # the monitor, as a hypervisor that knows its vCPUs' CR3s would.
+            self._account(self.monitor.cr3_loaded(root))
         self._check()
         return after
 
@@ -198,6 +206,10 @@ class MonitoredGuestRun(GuestRun):
             self.changes += 1
             self.partial_changes += change.partial
             self.cr3_load_changes += change.at_cr3_load
+            if change.until_cr3_load:
+                self._problem(f"change at {change.start:#x} (cr3 {change.cr3:#x}) in tables "
+                              "under PDPTEs that no vCPU holds")
+                continue
             for gla in self.scenario.probes.get(change.cr3, ()):
                 if not change.start <= gla < change.end:
                     continue

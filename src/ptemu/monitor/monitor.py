@@ -18,6 +18,11 @@ even half-written; a change caused by a partially written entry is marked
 seed does; a partially written entry keeps its old value in the view until
 then.
 
+**PAE PDPTEs.** The CPU loads them at CR3 load: a PDPTE write is reported at
+the write marked ``at_cr3_load``, and the tables the old PDPTE linked, which
+the CPU walks until then, stay protected and report ``until_cr3_load``
+changes until the hypervisor calls `cr3_loaded`.
+
 Addresses: the API takes and reports canonical linear addresses; internally an
 address space is one flat interval (4-/5-level addresses truncated to 48 or 57
 bits). Watched ranges are widened to whole 4 KiB pages.
@@ -114,6 +119,7 @@ class _Change:
     cause: list[EntryWrite]
     partial: bool
     at_cr3_load: bool
+    until_cr3_load: bool
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -144,12 +150,15 @@ class TranslationMonitor:
                  *, handler: PtWriteHandler | None = None, timing: Timing | str = "cpu",
                  report_accessed_dirty: bool = False, nxe: bool = True, pse: bool = True,
                  policy: Policy | str = Policy.STRICT, engine: Engine | str = DEFAULT_ENGINE,
-                 max_tables: int = DEFAULT_MAX_TABLES) -> None:
+                 max_tables: int = DEFAULT_MAX_TABLES,
+                 retain_loaded_pdptes: bool = True) -> None:
         """`handler` defaults to a new `PtWriteHandler` over `memory` (with `policy`
         and `engine`); a given one must use the same memory and paging mode. `nxe`
         (IA32_EFER.NXE) and `pse` (CR4.PSE, 32-bit paging only) are how the guest's
         entries are read. `report_accessed_dirty` makes a change of the leaf's A or D
-        bit a change of translation."""
+        bit a change of translation. `retain_loaded_pdptes` (PAE) keeps the tables
+        the CPU still reaches through the PDPTEs it loaded protected until
+        `cr3_loaded` (see there); False unprotects them at the PDPTE write."""
         self._lock = threading.RLock()
         self.mode = paging if isinstance(paging, PagingMode) else paging_mode(paging)
         if timing not in TIMINGS:
@@ -168,6 +177,7 @@ class TranslationMonitor:
         self._seed = self.timing == "seed"
         self._view = View(self.mode, memory, protector, nxe=nxe, pse=pse,
                           report_accessed_dirty=report_accessed_dirty, max_tables=max_tables,
+                          retain_loaded_pdptes=retain_loaded_pdptes,
                           levels_changed=self._level_changed,
                           page_released=self._page_released)
         self._watches: dict[int, list[WatchHandle]] = {}
@@ -328,7 +338,8 @@ class TranslationMonitor:
         else:
             start, end = self._canonical(low), self._end(high)
         change = _translation_change(space.root_gpa, start, end, (_run(start, end, old_state),),
-                                     (_run(start, end, new_state),), (cause,), partial, at_load)
+                                     (_run(start, end, new_state),), (cause,), partial, at_load,
+                                     position.retained)
         for handle in list(self._watches.get(space.root_gpa, ())):
             if handle.callback is None:
                 continue
@@ -337,7 +348,7 @@ class TranslationMonitor:
                     handle.callback(change)
                     continue
                 general = _Change(space, low, high, list(old_runs), list(new_runs), [cause],
-                                  partial, at_load)
+                                  partial, at_load, position.retained)
                 for clipped in self._public(general, part_low, part_high):
                     handle.callback(clipped)
         if self._view.events:   # a callback called back in (unwatch): report its pages
@@ -354,6 +365,27 @@ class TranslationMonitor:
             self._apply(outcome.gpa, False, changes)
         return self._finish(None, changes)
 
+    @_locked
+    def cr3_loaded(self, cr3: int) -> MonitorResult:
+        """Tell the monitor that the CPU now uses the PDPTEs memory holds for `cr3`.
+
+        PAE only (elsewhere, and for a space not watched, nothing happens). The
+        CPU loads the four PDPTEs at MOV to CR3 (and when CR0/CR4 paging bits
+        change, and from the VMCS at VM entry with EPT), and walks the tables the
+        loaded PDPTEs link until the next load. After a PDPTE write the monitor
+        therefore keeps the tables under the old PDPTE protected (`retain_loaded_pdptes`)
+        and reports their changes with ``until_cr3_load``. Call this when no vCPU
+        holds PDPTEs of this space loaded before its last PDPTE write: after a CR3
+        load on every vCPU that runs the space, or at once for a space no vCPU
+        runs. It unprotects the tables no longer reached (`MonitorResult.unprotected`)
+        and reports no change: the view already follows memory.
+        """
+        self._view.events.clear()
+        space = self._view.spaces.get(self.mode.root_table_gpa(cr3))
+        if space is not None and space.loaded:
+            self._view.release_loaded(space)
+        return self._with_events(None, [])
+
     def _apply(self, entry_gpa: int, partial: bool, changes: list[_Change]) -> None:
         view = self._view
         if (entry_gpa & ~PAGE_OFFSET_MASK) not in view.pages:
@@ -369,6 +401,7 @@ class TranslationMonitor:
         cause = _entry_write(entry_gpa, self._level_numbers[level_index],
                              self._level_names[level_index], old_value, new_value, partial)
         at_load = self._at_cr3_load[level_index]
+        until_load = difference.position.retained
         old_runs, new_runs = difference.old, difference.new
         if (len(old_runs) == 1 and len(new_runs) == 1 and old_runs[0][:2] == new_runs[0][:2]
                 and old_runs[0][2] != new_runs[0][2]):
@@ -380,7 +413,8 @@ class TranslationMonitor:
         for start, end, old, new in differences:
             last = changes[-1] if changes else None
             if (last is not None and last.space is difference.space and last.end == start
-                    and last.partial == partial and last.at_cr3_load == at_load):
+                    and last.partial == partial and last.at_cr3_load == at_load
+                    and last.until_cr3_load == until_load):
                 # One instruction writing consecutive entries: one contiguous change.
                 for run in old:
                     append_run(last.old, *run)
@@ -391,7 +425,7 @@ class TranslationMonitor:
                     last.cause.append(cause)
                 continue
             changes.append(_Change(difference.space, start, end, old, new, [cause], partial,
-                                   at_load))
+                                   at_load, until_load))
 
     def _finish(self, result: EventResult | None, changes: list[_Change]) -> MonitorResult:
         public: list[TranslationChange] = []
@@ -547,14 +581,15 @@ class TranslationMonitor:
             return [_translation_change(
                 change.space.root_gpa, start, end, (_run(start, end, old[0][2]),),
                 (_run(start, end, new[0][2]),), tuple(change.cause), change.partial,
-                change.at_cr3_load)]
+                change.at_cr3_load, change.until_cr3_load)]
         out = []
         for part_low, part_high in self._split(low, high):
             out.append(_translation_change(
                 change.space.root_gpa, self._canonical(part_low), self._end(part_high),
                 tuple(self._public_runs(change.old, part_low, part_high)),
                 tuple(self._public_runs(change.new, part_low, part_high)),
-                tuple(change.cause), change.partial, change.at_cr3_load))
+                tuple(change.cause), change.partial, change.at_cr3_load,
+                change.until_cr3_load))
         return out
 
 
@@ -606,14 +641,15 @@ def _run(start: int, end: int, translation: TranslationState) -> Run:
     return out
 
 
-_C_CR3, _C_START, _C_END, _C_OLD, _C_NEW, _C_CAUSE, _C_PARTIAL, _C_AT_LOAD = (
+_C_CR3, _C_START, _C_END, _C_OLD, _C_NEW, _C_CAUSE, _C_PARTIAL, _C_AT_LOAD, _C_UNTIL_LOAD = (
     _slot(TranslationChange, name)
-    for name in ("cr3", "start", "end", "old", "new", "cause", "partial", "at_cr3_load"))
+    for name in ("cr3", "start", "end", "old", "new", "cause", "partial", "at_cr3_load",
+                 "until_cr3_load"))
 
 
 def _translation_change(cr3: int, start: int, end: int, old: tuple[Run, ...],
                         new: tuple[Run, ...], cause: tuple[EntryWrite, ...], partial: bool,
-                        at_cr3_load: bool) -> TranslationChange:
+                        at_cr3_load: bool, until_cr3_load: bool) -> TranslationChange:
     """`TranslationChange(...)` with the fields in declaration order, built cheaply."""
     out = _NEW(TranslationChange)
     _C_CR3(out, cr3)
@@ -624,6 +660,7 @@ def _translation_change(cr3: int, start: int, end: int, old: tuple[Run, ...],
     _C_CAUSE(out, cause)
     _C_PARTIAL(out, partial)
     _C_AT_LOAD(out, at_cr3_load)
+    _C_UNTIL_LOAD(out, until_cr3_load)
     return out
 
 

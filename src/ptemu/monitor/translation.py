@@ -140,6 +140,10 @@ class TranslationChange:
     at_cr3_load: bool
     """The cause is a PAE PDPTE: the CPU loads PDPTEs at MOV to CR3, so the change
     takes effect at the next CR3 load, not at the write."""
+    until_cr3_load: bool = False
+    """The change is in tables that the CPU still walks through PAE PDPTEs it loaded
+    before a later PDPTE write: it holds until the next CR3 load, and the monitor's
+    view (which follows memory) does not show it (`TranslationMonitor.cr3_loaded`)."""
 
     @property
     def size(self) -> int:

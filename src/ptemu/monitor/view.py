@@ -26,12 +26,22 @@ protected already (it is on the path). **Budget.** Beyond `max_tables`
 positions, a further table is unfollowed with reason ``table budget``: a guest
 that links one table from every entry of every level could otherwise make the
 tree 512**levels positions large.
+
+**Loaded PAE PDPTEs.** The CPU reads the four PDPTEs at CR3 load and keeps
+using them until the next one, so after a PDPTE write the directory the old
+PDPTE linked is still walked by the CPU. With `retain_loaded_pdptes`, the
+first write to a PDPTE since the last CR3 load keeps the subtree under the
+old value as a *retained* position (per space and PDPTE index, so at most
+four per space): its pages stay protected, its writes are followed and
+reported (marked by `Position.retained`), and it is not part of the view,
+which follows memory. `release_loaded` (the hypervisor saw a CR3 load) drops
+them; so does a PDPTE written back to what the CPU loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ptemu.errors import UsageError
@@ -53,8 +63,8 @@ DEFAULT_MAX_TABLES = 1 << 18
 class Position:
     """One table as one address space reaches it by one path."""
 
-    __slots__ = ("base", "children", "level_index", "path", "rights", "space", "table_gpa",
-                 "unfollowed")
+    __slots__ = ("base", "children", "level_index", "path", "retained", "rights", "space",
+                 "table_gpa", "unfollowed")
 
     def __init__(self, space: Space, level_index: int, table_gpa: int, base: int,
                  rights: AccessRights, path: tuple[int, ...]) -> None:
@@ -74,6 +84,8 @@ class Position:
         """Entry index -> the table that entry links (followed entries only)."""
         self.unfollowed: dict[int, Unfollowed] = {}
         """Entry index -> why the table that entry links is not followed."""
+        self.retained = False
+        """Reached through a PAE PDPTE the CPU loaded and memory no longer holds."""
 
 
 @dataclass(slots=True)
@@ -84,6 +96,12 @@ class Space:
     intervals: list[tuple[int, int]]
     """Watched flat linear ranges, sorted and disjoint."""
     root: Position | None = None
+    loaded: dict[int, int] = field(default_factory=dict)
+    """PAE PDPTE index -> the value the CPU loaded at the last CR3 load, for the
+    entries written since (the others: memory holds what the CPU loaded)."""
+    retained: dict[int, Position] = field(default_factory=dict)
+    """PAE PDPTE index -> the subtree under its `loaded` value (when it links a
+    table the monitor follows)."""
 
 
 _new_tuple = tuple.__new__
@@ -114,7 +132,7 @@ class View:
 
     def __init__(self, mode: PagingMode, memory: GuestMemory, protector: PageProtector, *,
                  nxe: bool = True, pse: bool = True, report_accessed_dirty: bool = False,
-                 max_tables: int = DEFAULT_MAX_TABLES,
+                 max_tables: int = DEFAULT_MAX_TABLES, retain_loaded_pdptes: bool = True,
                  levels_changed: LevelsChanged | None = None,
                  page_released: PageReleased | None = None) -> None:
         self.mode = mode
@@ -124,6 +142,8 @@ class View:
         self.pse = pse
         self.report_accessed_dirty = report_accessed_dirty
         self.max_tables = max_tables
+        self.retain_pdptes = retain_loaded_pdptes and any(
+            level.format is EntryFormat.PAE_PDPTE for level in mode.levels)
         self.levels_changed = levels_changed
         self.page_released = page_released
         self.entry_size = mode.entry_size
@@ -192,15 +212,70 @@ class View:
     def build_space(self, space: Space) -> None:
         """(Re)build `space`'s tree over its intervals; pages still reached stay protected."""
         old = space.root
+        old_retained = list(space.retained.values())
         space.root = None
+        space.retained = {}
         if space.intervals:
             root = Position(space, 0, space.root_gpa, 0, ALL_RIGHTS,
                             (space.root_gpa & ~PAGE_OFFSET_MASK,))
             self._attach(root)
             self._follow_table(space, root)
             space.root = root
+            for index, value in space.loaded.items():
+                self._retain(space, root, index, value)
+        else:
+            space.loaded.clear()
         if old is not None:
             self._detach(old)
+        for position in old_retained:
+            self._detach(position)
+
+    def release_loaded(self, space: Space) -> None:
+        """The CPU loaded CR3 anew: what it uses is memory's PDPTEs; drop the retained."""
+        retained = list(space.retained.values())
+        space.loaded.clear()
+        space.retained.clear()
+        for position in retained:
+            self._detach(position)
+
+    def _retain(self, space: Space, root: Position, index: int, value: int) -> None:
+        """Follow the subtree that PDPTE `index` holding `value` links, as retained."""
+        codec = self.codecs[0]
+        address = codec.link(value)
+        if address is None:
+            return
+        start = root.base + (index << codec.level.shift)
+        if not intersect(space.intervals, start, start + codec.level.entry_span):
+            return
+        page = address & ~PAGE_OFFSET_MASK
+        if page in root.path or self.tables >= self.max_tables:
+            return  # not followed, as in the view (self-reference, budget)
+        child = Position(space, 1, address, start, codec.rights(root.rights, value),
+                         (*root.path, page))
+        child.retained = True
+        self._attach(child)
+        self._follow_table(space, child)
+        space.retained[index] = child
+
+    def _keep_loaded(self, space: Space, index: int, old_value: int, new_value: int,
+                     child: Position | None, released: list[Position]) -> None:
+        """PDPTE `index` of `space` changed from `old_value` to `new_value`; `child` is
+        the subtree under the old value. Keep it as retained when the old value is the
+        one the CPU loaded; release what the CPU no longer reaches."""
+        if index not in space.loaded:
+            space.loaded[index] = old_value
+            if child is not None:
+                space.retained[index] = child
+                _mark_retained(child)
+        elif child is not None:
+            released.append(child)   # linked and dropped since the load: never loaded
+        codec = self.codecs[0]
+        if codec.link(new_value) == codec.link(space.loaded[index]):
+            # Memory holds again what the CPU loaded: the view covers it.
+            del space.loaded[index]
+            kept = space.retained.pop(index, None)
+            if kept is not None:
+                released.append(kept)
 
     def _follow_table(self, space: Space, position: Position) -> None:
         level = self.mode.levels[position.level_index]
@@ -230,6 +305,7 @@ class View:
         child = Position(space, position.level_index + 1, address,
                          position.base + (index << level.shift),
                          codec.rights(position.rights, value), (*position.path, child_page))
+        child.retained = position.retained
         self._attach(child)
         position.children[index] = child
         self._follow_table(space, child)
@@ -375,7 +451,10 @@ class View:
         for space, position, index, _old in before:
             child = position.children.pop(index, None)
             position.unfollowed.pop(index, None)
-            if child is not None:
+            if self.retain_pdptes and position.level_index == 0:
+                # (the PAE root is the PDPT; a retained position is never a root)
+                self._keep_loaded(space, index, old_value, new_value, child, released)
+            elif child is not None:
                 released.append(child)
             self._follow(space, position, index)
         for child in released:
@@ -429,6 +508,12 @@ class View:
         before = codec.link(old)
         return (before is not None and before == codec.link(new)
                 and codec.rights(position.rights, old) == codec.rights(position.rights, new))
+
+
+def _mark_retained(position: Position) -> None:
+    position.retained = True
+    for child in position.children.values():
+        _mark_retained(child)
 
 
 def _shifted(state: Translation | None, offset: int) -> Translation | None:
