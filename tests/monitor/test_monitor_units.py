@@ -455,6 +455,9 @@ def test_cr3_loaded_outside_pae_or_for_an_unwatched_space_does_nothing():
     assert result.changes == () and result.unprotected == () and result.protected == ()
     assert guest.monitor.cr3_loaded(0x9000).unprotected == ()
     assert guest.protector.protected == before
+    for bad in (-1, 1 << 64, "0x1000", True):
+        with pytest.raises(UsageError, match="64-bit"):
+            guest.monitor.cr3_loaded(bad)
 
 
 def test_pae_pdpte_with_rw_set_is_reserved_and_translates_nothing():

@@ -250,8 +250,7 @@ class TranslationMonitor:
 
     def _add(self, cr3: int, flat: list[tuple[int, int]],
              callback: ChangeCallback | None) -> WatchHandle:
-        if isinstance(cr3, bool) or not isinstance(cr3, int) or not 0 <= cr3 < (1 << 64):
-            raise UsageError(f"cr3 {cr3!r} is not a 64-bit value")
+        _check_cr3(cr3)
         if not flat:
             raise UsageError("a watch needs at least one range")
         root = self.mode.root_table_gpa(cr3)
@@ -380,6 +379,7 @@ class TranslationMonitor:
         runs. It unprotects the tables no longer reached (`MonitorResult.unprotected`)
         and reports no change: the view already follows memory.
         """
+        _check_cr3(cr3)
         self._view.events.clear()
         space = self._view.spaces.get(self.mode.root_table_gpa(cr3))
         if space is not None and space.loaded:
@@ -591,6 +591,11 @@ class TranslationMonitor:
                 tuple(change.cause), change.partial, change.at_cr3_load,
                 change.until_cr3_load))
         return out
+
+
+def _check_cr3(cr3: object) -> None:
+    if isinstance(cr3, bool) or not isinstance(cr3, int) or not 0 <= cr3 < (1 << 64):
+        raise UsageError(f"cr3 {cr3!r} is not a 64-bit value")
 
 
 # -- cheap construction of the public frozen records ------------------------------------
