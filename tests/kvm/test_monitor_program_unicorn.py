@@ -16,8 +16,8 @@ What the generator's model promises is checked against oracles of the test's own
   moment, i.e. reachable from a watched root (`MonitorScenario.watches`) within
   the watched linear range. Reachability is worked out in the write hook, before
   the store, by walking the guest's tables in Unicorn's memory with the SDM's
-  entry layout (P, PS, bits 51:12; vol. 3A, 4.4-4.5), written here and not taken
-  from ptemu or the generator. The GPAs of those writes, in order, must equal
+  entry layout (P, PS, bits 51:12; vol. 3A, 4.4-4.5), written in the tests
+  (`unicorn_program.Tables`) and not taken from ptemu or the generator. The GPAs of those writes, in order, must equal
   `MonitorScenario.exit_gpas`, and their number per cycle the hand count of
   `tests/kvm/test_kvm_monitor.py`;
 * every other writing instruction (a REP STOS counted once) is a write the
@@ -29,35 +29,15 @@ What the generator's model promises is checked against oracles of the test's own
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import unicorn
-from unicorn import x86_const as x86
+from unicorn_program import HLT, REP, UnicornGuest
 
-from ptemu.kvm.layout import (
-    CR4_BY_MODE,
-    EFER_BY_MODE,
-    GDT_LIMIT,
-    GUEST_CR0,
-    PAGE,
-    SELECTOR_CODE32,
-    SELECTOR_CODE64,
-    SELECTOR_DATA,
-    GuestLayout,
-)
-from ptemu.kvm.machine import guest_image
-from ptemu.kvm.monitor_program import MonitorScenario, WatchSpec, monitor_program
+from ptemu.kvm.layout import PAGE, GuestLayout
+from ptemu.kvm.monitor_program import MonitorScenario, monitor_program
 from ptemu.paging.walk import walk
-
-EFER_MSR = 0xC000_0080
-HLT = 0xF4
-REP = 0xF3
-INSTRUCTION_BUDGET = 2_000_000
-ADDRESS_BITS_51_12 = 0x000F_FFFF_FFFF_F000
-P, PS = 1 << 0, 1 << 7
 
 # Table writes one cycle makes, counted by hand from the cycle's steps as
 # tests/kvm/test_kvm_monitor.py does: link the PT, CMPXCHG a PTE, AND, BTS, the
@@ -100,112 +80,15 @@ class Instruction:
         return any(store.linked for store in self.stores)
 
 
-class _UnicornMemory:
-    """Unicorn's memory as a `ptemu.paging.walk.PhysicalReader` (Unicorn maps GPAs)."""
-
-    def __init__(self, uc: Any) -> None:
-        self.uc = uc
-
-    def read(self, gpa: int, size: int) -> bytes:
-        return bytes(self.uc.mem_read(gpa, size))
-
-
-class _Tables:
-    """Tables reachable from the watched roots: the test's own walk (SDM 4.4-4.5).
-
-    Linear addresses are handled in the mode's own width (48 bits for 4-level,
-    sign extension dropped; 32 bits for PAE). Each level is given by the lowest
-    address bit its index selects; PS makes a leaf at the 1 GiB (4-level
-    PDPTE only: a PAE PDPTE has no PS) and 2 MiB levels.
-    """
-
-    def __init__(self, layout: GuestLayout, watches: tuple[WatchSpec, ...], uc: Any) -> None:
-        self.uc = uc
-        self.level4 = layout.mode.name == "4level"
-        self.shifts = (39, 30, 21, 12) if self.level4 else (30, 21, 12)
-        self.width = 48 if self.level4 else 32
-        self.regions: list[tuple[int, int, int]] = []
-        mask = (1 << self.width) - 1
-        for watch in watches:
-            if watch.ranges == "all":
-                self.regions.append((watch.cr3, 0, 1 << self.width))
-            elif watch.ranges == "kernel":
-                # The upper half: 4-level's canonical upper half, or PAE's 3 GiB split.
-                base = 1 << 47 if watch.kernel_base is None else watch.kernel_base & mask
-                self.regions.append((watch.cr3, base, 1 << self.width))
-            else:
-                assert not isinstance(watch.ranges, str), watch.ranges
-                for gla, size in watch.ranges:
-                    self.regions.append((watch.cr3, gla & mask, (gla & mask) + size))
-
-    def _entry(self, gpa: int) -> int:
-        return int.from_bytes(self.uc.mem_read(gpa, 8), "little")
-
-    def _walk(self, table: int, depth: int, base: int, low: int, high: int) -> Iterator[int]:
-        yield table
-        if depth == len(self.shifts) - 1:
-            return
-        shift = self.shifts[depth]
-        count = 4 if (not self.level4 and depth == 0) else 512
-        for index in range(count):
-            start = base + (index << shift)
-            if start + (1 << shift) <= low or start >= high:
-                continue
-            entry = self._entry(table + 8 * index)
-            if not entry & P:
-                continue
-            if entry & PS and shift in ((30, 21) if self.level4 else (21,)):
-                continue
-            yield from self._walk(entry & ADDRESS_BITS_51_12, depth + 1, start, low, high)
-
-    def linked(self) -> frozenset[int]:
-        pages: set[int] = set()
-        for root, low, high in self.regions:
-            pages.update(self._walk(root, 0, 0, low, high))
-        return frozenset(pages)
-
-
-class _Run:
+class _Run(UnicornGuest):
     """The program's code in Unicorn, on the KVM guest image, until HLT."""
 
     def __init__(self, layout: GuestLayout, scenario: MonitorScenario) -> None:
-        self.layout = layout
-        self.long_mode = layout.code_bits == 64
-        image, self.cr3 = guest_image(layout, scenario.program)
-        mode = unicorn.UC_MODE_64 if self.long_mode else unicorn.UC_MODE_32
-        uc: Any = unicorn.Uc(unicorn.UC_ARCH_X86, mode)
-        self.uc = uc
-        self.memory_end = layout.monitored_gpa + layout.monitored_size
-        uc.mem_map(0, self.memory_end)      # RAM and the monitored pages, all writable
-        for page in image.pages():
-            uc.mem_write(page, image.read(page, PAGE))
-        self.control = {"cr3": self.cr3, "cr4": CR4_BY_MODE[layout.mode.name],
-                        "efer": EFER_BY_MODE[layout.mode.name], "cr0": GUEST_CR0}
-        uc.reg_write(x86.UC_X86_REG_CR3, self.control["cr3"])
-        uc.reg_write(x86.UC_X86_REG_CR4, self.control["cr4"])
-        uc.msr_write(EFER_MSR, self.control["efer"])
-        uc.reg_write(x86.UC_X86_REG_CR0, self.control["cr0"])
-        self.held = {"cr0": uc.reg_read(x86.UC_X86_REG_CR0),
-                     "cr3": uc.reg_read(x86.UC_X86_REG_CR3),
-                     "cr4": uc.reg_read(x86.UC_X86_REG_CR4), "efer": uc.msr_read(EFER_MSR)}
-        uc.reg_write(x86.UC_X86_REG_GDTR, (0, layout.gla_of(layout.gdt_gpa), GDT_LIMIT, 0))
-        uc.reg_write(x86.UC_X86_REG_CS, SELECTOR_CODE64 if self.long_mode else SELECTOR_CODE32)
-        for name in ("DS", "ES", "SS", "FS", "GS"):
-            uc.reg_write(getattr(x86, f"UC_X86_REG_{name}"), SELECTOR_DATA)
-        stack = layout.gla_of(layout.stack_top_gpa)
-        uc.reg_write(x86.UC_X86_REG_RSP if self.long_mode else x86.UC_X86_REG_ESP, stack)
-        self.rdi = x86.UC_X86_REG_RDI if self.long_mode else x86.UC_X86_REG_EDI
-        self.tables = _Tables(layout, scenario.watches, uc)
-        self.reader = _UnicornMemory(uc)
+        super().__init__(layout, scenario)
         self.linked: frozenset[int] | None = None
         self.stores: list[Store] = []
         self.seq = 0
         self.rip = 0
-        self.halted = False
-        self.error = ""
-
-    def code_byte(self, gla: int) -> int:
-        return int(self.uc.mem_read(self.layout.code_gpa + gla - self.layout.text, 1)[0])
 
     def _on_code(self, uc: Any, address: int, size: int, _data: object) -> None:
         if size == 1 and self.code_byte(address) == HLT:
@@ -223,21 +106,11 @@ class _Run:
         linked = page in self.linked
         if linked:
             self.linked = None          # the store may link or unlink: walk again next time
-        result = walk(self.layout.mode, self.cr3, int(uc.reg_read(self.rdi)), self.reader)
+        result = walk(self.layout.mode, self.cr3, int(uc.reg_read(self.rdi)), self.memory)
         self.stores.append(Store(self.seq, self.rip, address, size, linked, result.gpa))
 
     def run(self) -> None:
-        hooks = [self.uc.hook_add(unicorn.UC_HOOK_CODE, self._on_code),
-                 self.uc.hook_add(unicorn.UC_HOOK_MEM_WRITE, self._on_write)]
-        until = (1 << 64) - 1 if self.long_mode else (1 << 32) - 1
-        try:
-            self.uc.emu_start(self.layout.text, until, count=INSTRUCTION_BUDGET)
-        except unicorn.UcError as error:
-            where = self.uc.reg_read(x86.UC_X86_REG_RIP)
-            self.error = f"{error} at rip {where:#x}"
-        finally:
-            for hook in hooks:
-                self.uc.hook_del(hook)
+        self.emulate(self._on_code, self._on_write)
 
     def instructions(self) -> list[Instruction]:
         """Stores grouped per instruction; a REP STOS's iterations are one."""
@@ -253,9 +126,6 @@ class _Run:
                 out.append(Instruction(store.rip, [store]))
             last_seq = store.seq
         return out
-
-    def page(self, gpa: int) -> bytes:
-        return bytes(self.uc.mem_read(gpa, PAGE))
 
 
 def _first_difference(got: list[int], want: tuple[int, ...]) -> str:
