@@ -75,17 +75,6 @@ _GENERAL_64 = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RSP", "RBP",
 _GENERAL_32 = ("EAX", "EBX", "ECX", "EDX", "ESI", "EDI", "ESP", "EBP", "EIP", "EFLAGS")
 
 
-def _watch(monitor: TranslationMonitor, scenario: MonitorScenario) -> None:
-    """The scenario's watches, set up as `MonitoredGuestRun.__init__` sets them up."""
-    for spec in scenario.watches:
-        if not isinstance(spec.ranges, str):
-            handles = [monitor.watch(spec.cr3, gla, size) for gla, size in spec.ranges]
-        else:
-            handles = [monitor.watch_space(spec.cr3, ranges=spec.ranges,  # type: ignore[arg-type]
-                                           kernel_base=spec.kernel_base)]
-        assert handles
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Pending:
     """A store to a protected page that Unicorn made: the exit to deliver."""
@@ -113,7 +102,8 @@ class _MonitoredRun(UnicornGuest):
         self.monitor = TranslationMonitor(self.memory, mode, self.protector,
                                           handler=self.handler,
                                           retain_loaded_pdptes=retain_loaded_pdptes)
-        _watch(self.monitor, scenario)
+        for spec in scenario.watches:
+            spec.install(self.monitor)
         running = mode.root_table_gpa(self.cr3)
         assert running == mode.root_table_gpa(scenario.watches[-1].cr3)
         self.never_loaded = tuple(dict.fromkeys(

@@ -32,12 +32,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ptemu.errors import UsageError
 from ptemu.kvm.asm import RAX, RBX, RCX, RDI, RDX, Assembler
 from ptemu.kvm.layout import PAGE, GuestLayout
 from ptemu.kvm.programs import GuestProgram
 from ptemu.paging.modes import ModeName
+
+if TYPE_CHECKING:
+    from ptemu.monitor import TranslationMonitor
 
 P, RW, US, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 NX_BIT = 63
@@ -60,6 +64,15 @@ class WatchSpec:
     ranges: str | tuple[tuple[int, int], ...]
     """``"all"``/``"kernel"`` for `watch_space`, or ``((gla, size),)`` for `watch`."""
     kernel_base: int | None = None
+
+    def install(self, monitor: TranslationMonitor) -> None:
+        """Set this watch up on `monitor` (what every monitored run of the program does)."""
+        if isinstance(self.ranges, str):
+            monitor.watch_space(self.cr3, ranges=self.ranges,  # type: ignore[arg-type]
+                                kernel_base=self.kernel_base)
+        else:
+            for gla, size in self.ranges:
+                monitor.watch(self.cr3, gla, size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,12 +131,7 @@ class MonitoredGuestRun(GuestRun):
         self.protector = MemslotProtector(machine.vm)
         self.monitor = TranslationMonitor(machine.memory, mode, self.protector, handler=handler)
         for spec in scenario.watches:
-            if isinstance(spec.ranges, str):
-                self.monitor.watch_space(spec.cr3, ranges=spec.ranges,  # type: ignore[arg-type]
-                                         kernel_base=spec.kernel_base)
-            else:
-                for gla, size in spec.ranges:
-                    self.monitor.watch(spec.cr3, gla, size)
+            spec.install(self.monitor)
         self.exit_gpas: list[int] = []
         self.problems = 0
         self.first_problems: list[str] = []
