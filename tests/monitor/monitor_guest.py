@@ -141,7 +141,8 @@ class Guest:
 
     def gla_of(self, gpa: int) -> int:
         """Where the guest maps page-table pages linearly (any address with gpa's offset)."""
-        return (0xFFFF_8880_0000_0000 + gpa) if self.bits64 else (0xC000_0000 + gpa)
+        # (32-bit: wrapped to 32 bits, for a table the guest put above 1 GiB)
+        return (0xFFFF_8880_0000_0000 + gpa) if self.bits64 else (0xC000_0000 + gpa) & 0xFFFF_FFFF
 
     def write(self, gpa: int, new: int, how: str = "mov") -> list[MonitorResult]:
         """Make entry `gpa` hold `new` the way `how` says; return the monitor's results."""

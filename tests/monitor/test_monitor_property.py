@@ -86,6 +86,9 @@ class World:
         self.probes = {cr3: [] for cr3 in self.cr3s}
         self.loaded: dict[int, bytes] = {}
         """cr3 -> its PDPT (PAE: 32 bytes) as the CPU loaded it."""
+        self.settled: dict[int, bytes] = {}
+        """cr3 -> its PDPT as the monitor's view holds it: memory, except that with the
+        seed's timing an entry keeps its last complete value while it is pending."""
         self.loaded_shadow: dict[tuple[int, int], TranslationState] = {}
         """The test's copy of the translations through the loaded PDPTEs."""
 
@@ -131,7 +134,7 @@ class World:
     def load(self, cr3: int) -> None:
         """The CPU loads CR3: from now on it uses the PDPTEs memory holds."""
         if self.mode.name == "pae":
-            self.loaded[cr3] = self.guest.memory.read(cr3, 32)
+            self.loaded[cr3] = self.settled[cr3] = self.guest.memory.read(cr3, 32)
         for probe in self.probes[cr3]:
             self.loaded_shadow[(cr3, probe)] = self.shadow[(cr3, probe)]
 
@@ -144,6 +147,15 @@ class World:
 
     def memory_as_loaded(self, cr3: int) -> LoadedPdptes | None:
         return LoadedPdptes(self.guest.memory, cr3, self.loaded[cr3]) if self.loaded else None
+
+    def settle(self) -> None:
+        """Take the PDPTEs that are not pending (seed timing) as the view now has them."""
+        pending = set(self.guest.monitor.handler.pending()) \
+            if self.guest.monitor.timing == "seed" else set()
+        for cr3, settled in self.settled.items():
+            now = self.guest.memory.read(cr3, 32)
+            self.settled[cr3] = b"".join(
+                (settled if cr3 + k in pending else now)[k:k + 8] for k in range(0, 32, 8))
 
     def walked(self, cr3: int, gla: int, loaded: bool = False,
                ) -> tuple[TranslationState, list[int]]:
@@ -169,12 +181,13 @@ class World:
             pwt=leaf.pwt, pcd=leaf.pcd, pat=bool(leaf.pat)), pages
 
     def leads_as_loaded(self, cr3: int, gla: int) -> bool:
-        """Whether the loaded PDPTE of `gla` leads to the table memory's leads to."""
+        """Whether the loaded PDPTE of `gla` leads to the table the view's leads to
+        (so that a change the view reports is one the CPU sees through it)."""
         loaded = self.memory_as_loaded(cr3)
         if loaded is None:
             return True
-        tables = [walk(self.mode, cr3, gla, memory).steps[1:2]
-                  for memory in (loaded, self.guest.memory)]
+        view = LoadedPdptes(self.guest.memory, cr3, self.settled[cr3])
+        tables = [walk(self.mode, cr3, gla, memory).steps[1:2] for memory in (loaded, view)]
         return [s.table_gpa for s in tables[0]] == [s.table_gpa for s in tables[1]]
 
     def reached(self) -> list[tuple[int, int]]:
@@ -194,6 +207,7 @@ class World:
     # -- checks ----------------------------------------------------------------------
 
     def apply(self, results: list[MonitorResult]) -> None:
+        self.settle()
         for result in results:
             for change in result.changes:
                 assert change.old_at(change.start) != change.new_at(change.start)
