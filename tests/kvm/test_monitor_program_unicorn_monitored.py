@@ -21,11 +21,12 @@ Unicorn hooks:
   instruction must make exactly one store, inside one entry.
 * After every exit, `cr3_loaded` is called for every watched root other than
   the vCPU's CR3 (the program's processes, never loaded), as
-  `MonitoredGuestRun._mmio` does, and then at every probe address: the
-  monitor's view equals a fresh walk of memory (`walked_translation`); the
+  `MonitoredGuestRun._mmio` does, and then the same `ViewCheck` as that run at
+  every probe address: the monitor's view equals a fresh walk of memory; the
   reported changes, applied to the translations before, give that walk; no
-  change is `until_cr3_load`; the protected pages are the tables the walks read
-  and the tables the tests' own walker (`unicorn_program.Tables`) reaches.
+  change is `until_cr3_load`; the protected pages are the tables the walks read,
+  and here also the tables the tests' own walker (`unicorn_program.Tables`)
+  reaches.
 * At the end: the exits came at exactly `MonitorScenario.exit_gpas`, in order;
   every page ends as `MonitorScenario.final_pages` says; the guest reached HLT.
 
@@ -49,15 +50,17 @@ from ptemu.fixtures.compare import compare_event
 from ptemu.handler import PtWriteHandler, WriteEvent
 from ptemu.kvm.abi import KVM_REGS_NAMES
 from ptemu.kvm.layout import PAGE, SELECTOR_DATA, GuestLayout
-from ptemu.kvm.monitor_program import MonitorScenario, monitor_program
-from ptemu.kvm.monitor_run import walked_translation
+from ptemu.kvm.monitor_program import (
+    DIRECTORY_ENTRY_WRITTEN_UNLINKED,
+    MonitorScenario,
+    monitor_program,
+)
+from ptemu.kvm.monitor_run import ViewCheck
 from ptemu.kvm.runner import CODE_FETCH_BYTES, _kvm_expectation
 from ptemu.monitor import (
     InMemoryProtector,
-    MonitorResult,
     MonitorStatus,
     TranslationMonitor,
-    TranslationState,
 )
 from ptemu.paging.walk import walk
 from ptemu.status import Status
@@ -67,8 +70,6 @@ MODES = [("4level", 64), ("pae", 32)]
 CYCLES = 4
 """Every kind of write of a cycle, a freed table reused, the window PTs in turn."""
 CONTROL_CYCLES = 1
-DIRECTORY_ENTRY_WRITTEN_UNLINKED = 300
-"""The entry of the swapped-out directory the program writes while it is unlinked."""
 
 _GENERAL_64 = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RSP", "RBP",
                "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15", "RIP", "RFLAGS")
@@ -104,11 +105,7 @@ class _MonitoredRun(UnicornGuest):
                                           retain_loaded_pdptes=retain_loaded_pdptes)
         for spec in scenario.watches:
             spec.install(self.monitor)
-        running = mode.root_table_gpa(self.cr3)
-        assert running == mode.root_table_gpa(scenario.watches[-1].cr3)
-        self.never_loaded = tuple(dict.fromkeys(
-            mode.root_table_gpa(spec.cr3) for spec in scenario.watches
-            if mode.root_table_gpa(spec.cr3) != running))
+        assert self.cr3 == scenario.watches[-1].cr3      # the running hierarchy
         self.vcpu = Vcpu(0)
         self.names = _GENERAL_64 if self.long_mode else _GENERAL_32
         self.registers = [getattr(x86, f"UC_X86_REG_{name}") for name in self.names]
@@ -118,11 +115,8 @@ class _MonitoredRun(UnicornGuest):
         """Stores of the instruction running now."""
         self.exits: list[int] = []
         self.problems: list[str] = []
-        self.until_load_changes = 0
         self.checks = 0
-        self.shadow: dict[tuple[int, int], TranslationState] = {
-            (root, gla): walked_translation(mode, root, gla, self.memory)[0]
-            for root, probes in scenario.probes.items() for gla in probes}
+        self.view_check = ViewCheck(self.monitor, scenario, self.memory, self._problem)
         self._check()
 
     # -- Unicorn -------------------------------------------------------------------
@@ -235,45 +229,20 @@ class _MonitoredRun(UnicornGuest):
             self.memory.write(page_gpa, unicorn_page)
         if self.drop_changes:
             outcome = dataclasses.replace(outcome, changes=())
-        self._account(outcome)
+        self.view_check.account(outcome)
         if self.tell_cr3_loads:
-            for root in self.never_loaded:
-                self._account(self.monitor.cr3_loaded(root))
+            for released in self.view_check.cr3_loads():
+                self.view_check.account(released)
         self._check()
 
     # -- the checks ----------------------------------------------------------------
 
-    def _account(self, outcome: MonitorResult) -> None:
-        """Apply the reported changes to the shadow, checking each one's old side."""
-        for change in outcome.changes:
-            if change.until_cr3_load:
-                self.until_load_changes += 1
-                self._problem(f"change at {change.start:#x} (cr3 {change.cr3:#x}) is "
-                              "until_cr3_load")
-                continue
-            for gla in self.scenario.probes.get(change.cr3, ()):
-                if change.start <= gla < change.end:
-                    key = (change.cr3, gla)
-                    if change.old_at(gla) != self.shadow[key]:
-                        self._problem(f"change at {gla:#x} (cr3 {change.cr3:#x}): old "
-                                      f"{change.old_at(gla)}, was {self.shadow[key]}")
-                    self.shadow[key] = change.new_at(gla)
-
     def _check(self) -> None:
+        """`ViewCheck.check`, and the protected pages against the tests' own walker and
+        the protector."""
         self.checks += 1
-        read: set[int] = set()
-        for (root, gla), shadowed in self.shadow.items():
-            walked, pages = walked_translation(self.mode, root, gla, self.memory)
-            read.update(pages)
-            if self.monitor.translation(root, gla) != walked:
-                self._problem(f"view at {gla:#x} (cr3 {root:#x}) is "
-                              f"{self.monitor.translation(root, gla)}, a walk gives {walked}")
-            if shadowed != walked:
-                self._problem(f"changes at {gla:#x} (cr3 {root:#x}) add up to {shadowed}, "
-                              f"a walk gives {walked}")
-                self.shadow[(root, gla)] = walked
-        protected = self.monitor.protected_pages()
-        for what, pages in (("the walks read", read), ("Tables reaches", self.tables.linked()),
+        protected = self.view_check.check()
+        for what, pages in (("Tables reaches", self.tables.linked()),
                             ("the protector holds", frozenset(self.protector.protected))):
             if protected != pages:
                 self._problem(f"protected pages differ from those {what}: extra "
@@ -331,7 +300,7 @@ def test_without_cr3_loaded_pae_exits_at_the_write_into_the_unlinked_directory()
     assert run.exits[:index] + run.exits[index + 1:] == list(expected)
     assert expected[index:].index(extra) > 0
     # Its change holds until a CR3 load, and the retained directory stays protected.
-    assert run.until_load_changes >= 1
+    assert run.view_check.until_load_changes >= 1
     assert any("protected pages differ" in problem for problem in run.problems)
 
 

@@ -52,6 +52,8 @@ POOL_GPA = 0x40000
 KERNEL_BASE = {ModeName.LEVEL4: 0xFFFF800000000000, ModeName.PAE: 0xC0000000}
 MONITOR_MODES = (ModeName.LEVEL4, ModeName.PAE)
 PWT_PCD = 0x18
+DIRECTORY_ENTRY_WRITTEN_UNLINKED = 300
+"""The entry of the swapped-out page directory the program writes while it is unlinked."""
 CYCLE_CODE_BYTES = 1200
 """Generous code bytes one cycle takes (for the iteration bound)."""
 
@@ -496,13 +498,13 @@ def _cycle(emit: _Emitter, pool: _Pool, cycle: int, *, at: _At, place: _Place, r
     model.linked -= {directory_a, model.read(at(directory_a, 0), model.entry_size) & ~0xFFF}
     model.linked |= {directory_b, table_b}
     emit.entry(at(table_b, 4 + cycle % 4), (0x31000000 + cycle * PAGE) | LEAF, "mov")
-    emit.entry(at(directory_a, 300), (0x40000000 + cycle * span2) % (1 << 32) | LEAF | PS,
+    emit.entry(at(directory_a, DIRECTORY_ENTRY_WRITTEN_UNLINKED), (0x40000000 + cycle * span2) % (1 << 32) | LEAF | PS,
                "mov")                                         # unlinked: no exit
     emit.entry(at(upper, upper_index), _pointer(mode_name, 3, directory_a),
                "cmpxchg" if level4 else "mov")
     model.linked -= {directory_b, table_b}
     model.linked |= {directory_a, model.read(at(directory_a, 0), model.entry_size) & ~0xFFF}
-    emit.entry(at(directory_a, 300), 0, "mov")
+    emit.entry(at(directory_a, DIRECTORY_ENTRY_WRITTEN_UNLINKED), 0, "mov")
     # Link and unlink a PDPT under the PML4 (a 1 GiB page at 512 GiB).
     if root_pdpt_c is not None:
         space, pdpt_c = root_pdpt_c

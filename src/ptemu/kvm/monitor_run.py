@@ -22,6 +22,7 @@ did not exit), and every page the program wrote holds what the model says.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ptemu.handler import PtWriteHandler, WriteEvent
@@ -73,6 +74,76 @@ def walked_translation(mode: PagingMode, cr3: int, gla: int, memory: GuestMemory
         writable=result.permissions.writable, user=result.permissions.user,
         executable=result.permissions.executable, protection_key=leaf.protection_key,
         pwt=leaf.pwt, pcd=leaf.pcd, pat=bool(leaf.pat)), pages
+
+
+class ViewCheck:
+    """The checks a monitored run makes after every exit (see the module docstring),
+    whatever runs the guest: at every probe address, the monitor's view against a
+    walk of memory and the reported changes against the translations before; the
+    protected pages against the tables the walks read. Failures go to `problem`."""
+
+    def __init__(self, monitor: TranslationMonitor, scenario: MonitorScenario,
+                 memory: GuestMemory, problem: Callable[[str], None]) -> None:
+        self.monitor = monitor
+        self.scenario = scenario
+        self.memory = memory
+        self.problem = problem
+        self.never_loaded = tuple(dict.fromkeys(
+            monitor.mode.root_table_gpa(spec.cr3) for spec in scenario.watches[:-1]
+            if spec.cr3 != scenario.watches[-1].cr3))
+        """Watched roots that no vCPU loads into CR3 (the program's processes; the
+        last watch is the hierarchy the vCPU runs on)."""
+        self.until_load_changes = 0
+        self.shadow: dict[tuple[int, int], TranslationState] = {
+            (root, gla): walked_translation(monitor.mode, root, gla, memory)[0]
+            for root, probes in scenario.probes.items() for gla in probes}
+        """The translations as the reported changes leave them."""
+
+    def cr3_loads(self) -> list[MonitorResult]:
+        """Tell the monitor that no vCPU holds PDPTEs of the never-loaded roots."""
+        return [self.monitor.cr3_loaded(root) for root in self.never_loaded]
+
+    def account(self, outcome: MonitorResult) -> None:
+        """Apply `outcome`'s changes to the shadow, checking each one's old side."""
+        for change in outcome.changes:
+            if change.until_cr3_load:
+                self.until_load_changes += 1
+                self.problem(f"change at {change.start:#x} (cr3 {change.cr3:#x}) in tables "
+                             "under PDPTEs that no vCPU holds (until_cr3_load)")
+                continue
+            for gla in self.scenario.probes.get(change.cr3, ()):
+                if not change.start <= gla < change.end:
+                    continue
+                old, new = change.old_at(gla), change.new_at(gla)
+                if old != self.shadow[(change.cr3, gla)]:
+                    self.problem(f"change at {gla:#x} (cr3 {change.cr3:#x}) says the old "
+                                 f"translation was {old}, it was "
+                                 f"{self.shadow[(change.cr3, gla)]}")
+                if old == new:
+                    self.problem(f"change at {gla:#x} (cr3 {change.cr3:#x}) changes nothing")
+                self.shadow[(change.cr3, gla)] = new
+
+    def check(self) -> frozenset[int]:
+        """Compare view, shadow and walks at every probe; return the protected pages."""
+        mode = self.monitor.mode
+        reached: set[int] = set()
+        for (root, gla), shadowed in self.shadow.items():
+            expected, pages = walked_translation(mode, root, gla, self.memory)
+            reached.update(pages)
+            seen = self.monitor.translation(root, gla)
+            if seen != expected:
+                self.problem(f"view at {gla:#x} (cr3 {root:#x}) is {seen}, a walk "
+                             f"gives {expected}")
+            if shadowed != expected:
+                self.problem(f"the changes reported at {gla:#x} (cr3 {root:#x}) add up "
+                             f"to {shadowed}, a walk gives {expected}")
+                self.shadow[(root, gla)] = expected
+        protected = self.monitor.protected_pages()
+        if protected != reached:
+            self.problem("protected pages differ from the tables the walks read: extra "
+                         f"{sorted(map(hex, protected - reached))}, missing "
+                         f"{sorted(map(hex, reached - protected))}")
+        return protected
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,16 +212,8 @@ class MonitoredGuestRun(GuestRun):
         self.peak_protected = len(self.protector.protected)
         self.monitor_seconds = 0.0
         self.check_seconds = 0.0
-        self.shadow: dict[tuple[int, int], TranslationState] = {}
-        for root, probes in scenario.probes.items():
-            for gla in probes:
-                self.shadow[(root, gla)] = walked_translation(mode, root, gla,
-                                                              machine.memory)[0]
+        self.view_check = ViewCheck(self.monitor, scenario, machine.memory, self._problem)
         self._last: MonitorResult | None = None
-        self._never_loaded = tuple(dict.fromkeys(
-            mode.root_table_gpa(spec.cr3) for spec in scenario.watches
-            if mode.root_table_gpa(spec.cr3) != mode.root_table_gpa(machine.cr3)))
-        """Watched roots that the vCPU never loads into CR3 (the program's processes)."""
         self._setup_protection_seconds = self.protector.seconds
         self._check()
 
@@ -179,10 +242,10 @@ class MonitoredGuestRun(GuestRun):
         outcome, self._last = self._last, None
         if outcome is not None:
             self._account(outcome)
-        for root in self._never_loaded:
-            # No vCPU has these roots in CR3, so none holds their PAE PDPTEs: tell
-            # the monitor, as a hypervisor that knows its vCPUs' CR3s would.
-            self._account(self.monitor.cr3_loaded(root))
+        # No vCPU has the processes' roots in CR3, so none holds their PAE PDPTEs:
+        # tell the monitor, as a hypervisor that knows its vCPUs' CR3s would.
+        for released in self.view_check.cr3_loads():
+            self._account(released)
         self._check()
         return after
 
@@ -201,44 +264,12 @@ class MonitoredGuestRun(GuestRun):
             self.changes += 1
             self.partial_changes += change.partial
             self.cr3_load_changes += change.at_cr3_load
-            if change.until_cr3_load:
-                self._problem(f"change at {change.start:#x} (cr3 {change.cr3:#x}) in tables "
-                              "under PDPTEs that no vCPU holds")
-                continue
-            for gla in self.scenario.probes.get(change.cr3, ()):
-                if not change.start <= gla < change.end:
-                    continue
-                old, new = change.old_at(gla), change.new_at(gla)
-                if old != self.shadow[(change.cr3, gla)]:
-                    self._problem(f"change at {gla:#x} (cr3 {change.cr3:#x}) says the old "
-                                  f"translation was {old}, it was "
-                                  f"{self.shadow[(change.cr3, gla)]}")
-                if old == new:
-                    self._problem(f"change at {gla:#x} (cr3 {change.cr3:#x}) changes nothing")
-                self.shadow[(change.cr3, gla)] = new
+        self.view_check.account(outcome)
 
     def _check(self) -> None:
         started = time.perf_counter()
         self.checks += 1
-        mode, memory = self.layout.mode, self.machine.memory
-        reached: set[int] = set()
-        for root, probes in self.scenario.probes.items():
-            for gla in probes:
-                expected, pages = walked_translation(mode, root, gla, memory)
-                reached.update(pages)
-                seen = self.monitor.translation(root, gla)
-                if seen != expected:
-                    self._problem(f"view at {gla:#x} (cr3 {root:#x}) is {seen}, a walk "
-                                  f"gives {expected}")
-                if self.shadow[(root, gla)] != expected:
-                    self._problem(f"the changes reported at {gla:#x} (cr3 {root:#x}) add up "
-                                  f"to {self.shadow[(root, gla)]}, a walk gives {expected}")
-                    self.shadow[(root, gla)] = expected
-        protected = self.monitor.protected_pages()
-        if protected != reached:
-            self._problem("protected pages differ from the tables the walks read: extra "
-                          f"{sorted(map(hex, protected - reached))}, missing "
-                          f"{sorted(map(hex, reached - protected))}")
+        protected = self.view_check.check()
         if protected != self.protector.readonly_pages() or \
                 protected != self.protector.protected:
             self._problem("the monitor's protected pages are not KVM's read-only memslots")
